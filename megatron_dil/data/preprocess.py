@@ -24,7 +24,6 @@ from multiprocessing import get_context
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_dil.data.config import PreprocessConfig
@@ -164,7 +163,7 @@ class _SplitWriter:
 
     def add(self, pair: TokenizedPair) -> None:
         ids = np.asarray(pair.prompt + pair.chosen + pair.rejected, dtype=np.int64)
-        self.builder.add_document(torch.from_numpy(ids), [len(pair.prompt), len(pair.chosen), len(pair.rejected)])
+        self.builder.add_document(ids, [len(pair.prompt), len(pair.chosen), len(pair.rejected)])
         self.num_pairs += 1
         for key in self.lengths:
             self.lengths[key].append(len(getattr(pair, key)))
