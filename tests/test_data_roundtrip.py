@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from megatron_dil.data import PreferenceDataset, PreprocessConfig, load_tokenizer, preprocess
+from megatron_dil.data import PreferenceDataset, PreprocessConfig, load_tokenizer, preprocess_pairs
 from megatron_dil.data.preprocess import main
 from megatron_dil.data.tiny_task import tiny_example_dir
 
@@ -28,7 +28,7 @@ def run(tmp_path, rows, name="ds", **kw):
     kw.setdefault("tokenizer", TINY_TOKENIZER)
     config = PreprocessConfig(inputs=[write_jsonl(tmp_path / f"{name}.jsonl", rows)],
                               output_prefix=str(tmp_path / name), progress=False, **kw)
-    return preprocess(config)
+    return preprocess_pairs(config)
 
 
 def pairs(prefix):
@@ -170,7 +170,7 @@ def test_split_is_deterministic_by_prompt_and_formats_agree(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist([{k: json.dumps(v) for k, v in r.items()} for r in rows]),
                    tmp_path / "rows_str.parquet")
-    b = preprocess(PreprocessConfig(inputs=[str(tmp_path / "rows.json")], output_prefix=str(tmp_path / "b"),
+    b = preprocess_pairs(PreprocessConfig(inputs=[str(tmp_path / "rows.json")], output_prefix=str(tmp_path / "b"),
                                     tokenizer=TINY_TOKENIZER, valid_fraction=0.25, progress=False))
     for split in ("train", "valid"):
         assert open(a.prefixes[split] + ".bin", "rb").read() == open(b.prefixes[split] + ".bin", "rb").read()

@@ -3,12 +3,12 @@ from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.config import DataConfig, PreprocessConfig
 from megatron_dil.data.dataset import BlendedPreferenceDataset, PreferenceDataset, PreferencePair
 from megatron_dil.data.loader import build_dataloader, build_datasets
-from megatron_dil.data.preprocess import preprocess
+from megatron_dil.data.preprocess import preprocess_pairs
 from megatron_dil.data.sampler import PreferenceSampler
 from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer
 
 __all__ = [
     "BlendedPreferenceDataset", "DataConfig", "PreferenceBatch", "PreferenceCollator", "PreferenceDataset",
     "PreferencePair", "PreferenceSampler", "PreferenceTokenizer", "PreprocessConfig", "build_dataloader",
-    "build_datasets", "load_tokenizer", "preprocess",
+    "build_datasets", "load_tokenizer", "preprocess_pairs",
 ]

@@ -54,8 +54,9 @@ class PreferenceDataset(Dataset):
                                  f"{expected}; rerun megatron-dil-preprocess")
         if tokenizer is not None:
             check_tokenizer(self.metadata, tokenizer, prefix)
-        self._indexed = IndexedDataset(prefix)
-        if len(self._indexed) != 3 * self.metadata["num_pairs"]:
+        # an empty split (e.g. a small --valid-fraction that no prompt hashed into) has an empty .bin: no mmap
+        self._indexed = IndexedDataset(prefix) if self.metadata["num_pairs"] else None
+        if self._indexed is not None and len(self._indexed) != 3 * self.metadata["num_pairs"]:
             raise ValueError(f"dataset {prefix!r}: {len(self._indexed)} sequences, expected 3 x "
                              f"{self.metadata['num_pairs']} pairs")
 
@@ -71,6 +72,8 @@ class PreferenceDataset(Dataset):
     @property
     def max_sequence_length(self) -> int:
         """Longest ``prompt + response`` in the dataset."""
+        if self._indexed is None:
+            return 0
         lengths = self._indexed.sequence_lengths.reshape(-1, 3).astype(np.int64)
         return int((lengths[:, 0] + lengths[:, 1:].max(axis=1)).max())
 

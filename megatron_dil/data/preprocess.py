@@ -187,7 +187,7 @@ def _valid_side(prompt_text: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-def preprocess(config: PreprocessConfig) -> PreprocessResult:
+def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
     """Run the whole preprocessing; return the written prefixes and the counts (also in each metadata JSON)."""
     start = time.time()
     tokenizer = load_tokenizer(config.tokenizer)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point ``megatron-dil-preprocess``."""
     args = build_parser().parse_args(argv)
     try:
-        result = preprocess(PreprocessConfig(**vars(args)))
+        result = preprocess_pairs(PreprocessConfig(**vars(args)))
     except (PreprocessError, ValueError, FileNotFoundError) as e:
         print(f"megatron-dil-preprocess: error: {e}", file=sys.stderr)
         return 1

@@ -90,11 +90,11 @@ def prepare_tiny_dataset(output_prefix: str, valid_fraction: float = 0.1, worker
     """Preprocess the bundled examples/tiny/pairs.jsonl with its tokenizer; return ``{"train": prefix, "valid":
     prefix, "tokenizer": dir}`` ready for ``DataConfig(train=[...], valid=..., tokenizer=...)``."""
     from megatron_dil.data.config import PreprocessConfig
-    from megatron_dil.data.preprocess import preprocess
+    from megatron_dil.data.preprocess import preprocess_pairs
 
     here = tiny_example_dir()
     tokenizer_dir = os.path.join(here, "tokenizer")
-    result = preprocess(PreprocessConfig(
+    result = preprocess_pairs(PreprocessConfig(
         inputs=[os.path.join(here, "pairs.jsonl")], output_prefix=output_prefix, tokenizer=tokenizer_dir,
         max_length=TINY_MAX_LENGTH, max_prompt_length=TINY_MAX_PROMPT_LENGTH, valid_fraction=valid_fraction,
         workers=workers, progress=False))
