@@ -60,8 +60,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             target_logit = real.gather(1, safe_target.unsqueeze(1)).squeeze(1).float()
             sums[1] = torch.where(owned, target_logit, torch.zeros_like(target_logit))
             for chunk in _chunks(num_tokens, chunk_size):
-                shifted = real[chunk].float() - max_logit[chunk].unsqueeze(1)  # fresh fp32 buffer, chunk × V_local
-                sums[0, chunk] = shifted.exp_().sum(dim=-1)
+                shifted = real[chunk].to(torch.float32, copy=True)  # the one fp32 buffer, chunk × V_local
+                sums[0, chunk] = shifted.sub_(max_logit[chunk].unsqueeze(1)).exp_().sum(dim=-1)
+                del shifted  # free before the next chunk allocates
         if world_size > 1:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
 
@@ -80,11 +81,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         chunks = _chunks(logits.shape[0], ctx.chunk_size) if num_real_local > 0 else []
         for chunk in chunks:
             # (one_hot − softmax) · g, softmax recomputed from the saved logits and lse: one fp32 chunk buffer.
-            grad = logits[chunk, :num_real_local].float() - logsumexp[chunk].unsqueeze(1)
-            grad.exp_().mul_(-grad_logp[chunk].unsqueeze(1))
+            grad = logits[chunk, :num_real_local].to(torch.float32, copy=True)
+            grad.sub_(logsumexp[chunk].unsqueeze(1)).exp_().mul_(-grad_logp[chunk].unsqueeze(1))
             rows = torch.arange(chunk.stop - chunk.start, device=logits.device)
             grad[rows, safe_target[chunk]] += torch.where(owned[chunk], grad_logp[chunk], 0.0)
             grad_logits[chunk, :num_real_local] = grad
+            del grad  # free before the next chunk allocates
         return grad_logits, None, None, None, None, None
 
 
