@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from typing import Any, Iterator
 
 import numpy as np
@@ -271,7 +271,9 @@ def _tokenized(rows: Iterator[tuple[int, Any]], config: PreprocessConfig, worker
                 progress.update(len(results))
                 yield from results
         else:
-            with get_context("spawn").Pool(config.workers, initializer=_init_worker, initargs=worker_args) as pool:
+            # fork (Linux) starts workers in milliseconds; spawn would re-import torch/megatron in each (seconds)
+            context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+            with context.Pool(config.workers, initializer=_init_worker, initargs=worker_args) as pool:
                 for results in pool.imap(_process_chunk, _chunks(rows, config.chunk_size)):
                     progress.update(len(results))
                     yield from results

@@ -42,6 +42,8 @@ class PreferenceTokenizer:
         """Token ids of ``text`` with no special token ADDED; special-token strings written in the text (e.g. a
         chat template's ``<s>``) map to their ids, for sentencepiece as for HF tokenizers."""
         if self.kind == "hf":
+            if self._backend.is_fast:  # the Rust tokenizer directly: same ids, a fraction of the call overhead
+                return self._backend.backend_tokenizer.encode(text, add_special_tokens=False).ids
             return list(self._backend(text, add_special_tokens=False)["input_ids"])
         specials = {tok: i for tok, i in ((self.bos_token, self.bos_id), (self.eos_token, self.eos_id)) if tok}
         if not specials:
