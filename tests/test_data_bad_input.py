@@ -140,3 +140,20 @@ def test_reader_refuses_truncated_files_other_tokenizer_and_too_long(tmp_path):
         f.write(b"\0\0")
     with pytest.raises(ValueError, match="inconsistent"):
         PreferenceDataset(prefix)
+
+
+def test_every_cli_flag_is_explained_and_bad_flags_are_named(tmp_path, capsys):
+    from megatron_dil.data.preprocess import build_parser
+    for action in build_parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+    path = write_rows(tmp_path / "rows.jsonl", [GOOD])
+    assert main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer", TINY_TOKENIZER,
+                 "--valid-fraction", "1.5"]) == 1
+    assert "--valid-fraction must be in [0, 1)" in capsys.readouterr().err
+    assert main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer", TINY_TOKENIZER]) == 1
+    assert "missing.jsonl' does not exist" in capsys.readouterr().err
+    assert main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer", TINY_TOKENIZER,
+                 "--template", "nope"]) == 1
+    assert "unknown --template 'nope'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl"]
