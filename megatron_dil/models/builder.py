@@ -1,0 +1,116 @@
+"""Build Megatron-Core ``GPTModel`` chunks for this rank from a ``ModelConfig``.
+
+Transformer Engine's layer spec is used when TE imports and CUDA is present (the fast path); otherwise the local
+(pure Megatron-Core) spec. Both hold identical weights under different key names (see ``convert``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_dil.models.config import ModelConfig
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
+                       sequence_parallel: bool = False, recompute: bool = False) -> TransformerConfig:
+    """The ``TransformerConfig`` for this model under the current parallel state (TP/PP/CP sizes read from it)."""
+    bf16, fp16 = params_dtype == torch.bfloat16, params_dtype == torch.float16
+    on_cpu = not torch.cuda.is_available()
+    extra = {}
+    if model.sliding_window is not None and transformer_engine_available():
+        extra["window_size"] = (model.sliding_window, 0)
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        layernorm_epsilon=model.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        attention_dropout=model.attention_dropout,
+        hidden_dropout=model.hidden_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        bias_activation_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=not on_cpu,
+        **extra,
+    )
+
+
+def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                recompute: bool = False, max_sequence_length: int | None = None) -> list[GPTModel]:
+    """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without interleaving).
+
+    The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP].
+    """
+    max_len = max_sequence_length or model.max_position_embeddings
+    if model.sliding_window is not None and not transformer_engine_available() and max_len > model.sliding_window:
+        raise ValueError(f"sliding_window={model.sliding_window} needs Transformer Engine; without it keep "
+                         f"sequences within the window (max length {max_len})")
+    config = transformer_config(model, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                                recompute=recompute)
+    if transformer_engine_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    vocab = model.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=vocab,
+            max_sequence_length=max_len,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            rope_scaling=model.rope_scaling_factor is not None,
+            rope_scaling_factor=model.rope_scaling_factor or 8.0,
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks

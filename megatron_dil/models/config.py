@@ -1,0 +1,103 @@
+"""One model config for Llama-2/3, Mistral and Qwen2-style decoders, and the named presets.
+
+All of these are the same pre-norm decoder: RMSNorm(eps) → attention with RoPE(theta[, Llama-3 scaling]) and GQA
+(``num_query_groups`` key/value heads) → RMSNorm → SwiGLU MLP (silu(x W_gate) ⊙ x W_up) W_down; they differ only in
+the numbers below, QKV bias (Qwen2), tied embeddings and Mistral's sliding window.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    """Decoder architecture. ``vocab_size`` is the tokenizer's real size; Megatron pads it (see ``padded_vocab_size``)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_query_groups: int | None = None  # key/value heads (HF num_key_value_heads); None = one per attention head
+    kv_channels: int | None = None  # head dim (HF head_dim); None = hidden_size / num_attention_heads
+    max_position_embeddings: int = 4096
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    rope_scaling_factor: float | None = None  # Llama-3.x RoPE scaling (low 1, high 4, original 8192) when set
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # Mistral; needs Transformer Engine unless sequences fit in the window
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        groups = self.query_groups
+        if self.num_attention_heads % groups:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_query_groups ({groups})")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                             f"({self.num_attention_heads}); set kv_channels")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel_size: int) -> int:
+        """Megatron's padding: round ``vocab_size`` up to a multiple of ``make_vocab_size_divisible_by × TP``."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the unpadded model (used for MFU: 6·N·tokens)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_attention_heads + 2 * self.query_groups) + self.num_attention_heads * d * h
+        if self.qkv_bias:
+            attn += d * (self.num_attention_heads + 2 * self.query_groups)
+        mlp = 3 * h * self.ffn_hidden_size
+        per_layer = attn + mlp + 2 * h
+        total = self.num_layers * per_layer + h
+        if include_embeddings:
+            total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return total
+
+    @classmethod
+    def presets(cls) -> dict[str, "ModelConfig"]:
+        return dict(PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests and the quick start: sized for the bundled tiny tokenizer (examples/tiny).
+    "tiny": ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
+                        vocab_size=512, max_position_embeddings=256, norm_epsilon=1e-5, rotary_base=10000.0,
+                        make_vocab_size_divisible_by=64),
+    "llama3-8b": ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                             num_query_groups=8, vocab_size=128256, max_position_embeddings=8192, norm_epsilon=1e-5,
+                             rotary_base=500000.0),
+    "llama3.2-1b": ModelConfig(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                               num_query_groups=8, kv_channels=64, vocab_size=128256, max_position_embeddings=131072,
+                               norm_epsilon=1e-5, rotary_base=500000.0, rope_scaling_factor=32.0, tie_embeddings=True),
+    "mistral-7b": ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                              num_query_groups=8, vocab_size=32000, max_position_embeddings=32768, norm_epsilon=1e-5,
+                              rotary_base=10000.0, sliding_window=4096),
+    "qwen2.5-0.5b": ModelConfig(num_layers=24, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14,
+                                num_query_groups=2, kv_channels=64, vocab_size=151936, max_position_embeddings=32768,
+                                norm_epsilon=1e-6, rotary_base=1000000.0, tie_embeddings=True, qkv_bias=True),
+}

@@ -1,0 +1,146 @@
+"""Run the real Megatron-Core code paths on CPU (gloo), for tests and the quick start.
+
+Megatron-Core assumes CUDA in a handful of places that are not about the math. ``install()`` bridges exactly those,
+and only when CUDA is unavailable: with a GPU it returns without touching anything, so the product runs the stock
+fast path (TE spec, NCCL, fused kernels).
+
+What is covered, and where Megatron-Core (0.16) needs it:
+
+| Megatron-Core call                                   | where                                   | CPU bridge                |
+|------------------------------------------------------|-----------------------------------------|---------------------------|
+| ``torch.cuda.current_device()``                      | layer init, DDP buffers, optimizer      | returns 0, mapped to CPU  |
+| factory kwargs ``device="cuda"`` / ``device=0``      | ``pipeline_parallel/schedules.py``, DDP | rewritten to ``cpu``      |
+| ``Tensor.cuda()`` / ``.to("cuda")``                  | schedules, optimizer, clip_grads        | stays on CPU              |
+| ``torch.cuda.synchronize()`` / streams / events      | ``p2p_communication.py``, timers        | no-ops                    |
+| CUDA RNG tracker ``get_cuda_rng_tracker().fork()``   | tensor-parallel init, dropout           | CPU generator states      |
+| ``param.type() == 'torch.cuda.FloatTensor'`` checks  | ``optimizer/optimizer.py``, clip_grads  | reports the CUDA name     |
+
+Factory-call rewriting uses a ``torch.overrides.TorchFunctionMode`` pushed for the process (thread-local in torch; the
+trainer runs single-threaded). Everything here is idempotent.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map a CUDA device spec (``"cuda"``, ``"cuda:1"``, ``0``, ``torch.device("cuda")``) to CPU."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA placements to CPU and report CUDA tensor type names, leaving the computation untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return torch.Tensor.type(args[0]).replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Stream:
+    """Stand-in for ``torch.cuda.Stream``: work on CPU is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _Event(_Stream):
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _patch_rng_tracker() -> None:
+    """Back Megatron's CUDA RNG tracker with CPU generator states (same seeds and fork semantics)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            original = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            original = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(original)
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def install() -> bool:
+    """Install the CPU bridge when CUDA is unavailable; return whether it is active. No-op with a GPU."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if _installed:
+        return True
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.Stream = _Stream
+    torch.cuda.Event = _Event
+    torch.cuda.current_stream = lambda *args, **kwargs: _Stream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _Stream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.memory_allocated = lambda *args, **kwargs: 0
+    torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    torch.cuda.set_device = lambda *args, **kwargs: None
+    _patch_rng_tracker()
+    _CudaToCpuMode().__enter__()
+    _installed = True
+    return True
+
+
+def is_active() -> bool:
+    return _installed
