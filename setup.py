@@ -1,0 +1,66 @@
+"""megatron_dil: preference alignment (DIL and the DPO family) on Megatron-Core with TP/PP/DP.
+
+Install (CPU / CI): install torch first so pip never resolves a CUDA build, then this package:
+    pip install torch==2.13.0 && pip install -e .[test]        # or: bash scripts/setup_env.sh
+GPU: use the NGC PyTorch image (see Dockerfile); it ships torch, Transformer Engine and apex.
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "megatron_dil" / "__init__.py").read_text()).group(1)
+
+# torch is deliberately unpinned here: CI pins torch==2.13.0 (the CPU wheel) by installing it first
+# (scripts/setup_env.sh), and the NGC image brings its own CUDA build that must not be replaced.
+# The other pins are the versions CI runs; scripts/constraints.txt pins their dependencies too.
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    "megatron-core==0.16.1",  # newest for Python 3.11 (>=0.17 needs 3.12); 0.16.1 cannot read 0.19 dist checkpoints
+    "transformers==5.23.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "sentencepiece==0.2.3",
+    "datasets==5.2.0",
+    "tensorboard==2.21.0",
+    "psutil==7.2.2",  # megatron.core.dist_checkpointing needs it but does not declare it (save hangs without it)
+    "einops==0.8.2",
+    "numpy==2.4.6",
+    "pyyaml==6.0.3",
+    "tqdm==4.70.1",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0"],
+    # Transformer Engine and apex are not pip-installable without a CUDA toolchain; they come with the NGC PyTorch
+    # image (nvcr.io/nvidia/pytorch), where megatron_dil uses them automatically when importable with CUDA.
+    "gpu": [],
+    # Optional comparison against TRL's DPOTrainer in bench/.
+    "bench": ["trl"],
+}
+
+setup(
+    name="megatron_dil",
+    version=VERSION,
+    description="Direct Imitation Learning (DIL) and DPO-family preference alignment on Megatron-Core (TP/PP/DP)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_dil", "megatron_dil.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "megatron-dil-train = megatron_dil.train:main",
+            "megatron-dil-preprocess = megatron_dil.data.preprocess:main",
+            "megatron-dil-hf-to-megatron = megatron_dil.convert.hf_to_megatron:main",
+            "megatron-dil-megatron-to-hf = megatron_dil.convert.megatron_to_hf:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
