@@ -12,27 +12,28 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "megatron_dil" / "__init__.py").read_text()).group(1)
 
-# torch is deliberately unpinned here: CI pins torch==2.13.0 (the CPU wheel) by installing it first
-# (scripts/setup_env.sh), and the NGC image brings its own CUDA build that must not be replaced.
-# The other pins are the versions CI runs; scripts/constraints.txt pins their dependencies too.
+# Ranges here, exact versions in scripts/constraints.txt: CI (scripts/setup_env.sh) installs torch==2.13.0 (the CPU
+# wheel) FIRST and then this package under those constraints, so CI runs exactly the pinned set; the NGC image
+# (Dockerfile) keeps its own CUDA torch and numpy, which exact pins here would replace. Lower bounds are not tested.
 INSTALL_REQUIRES = [
     "torch>=2.6",
-    "megatron-core==0.16.1",  # newest for Python 3.11 (>=0.17 needs 3.12); 0.16.1 cannot read 0.19 dist checkpoints
-    "transformers==5.23.0",
-    "safetensors==0.8.0",
-    "tokenizers==0.23.3",
-    "sentencepiece==0.2.3",
-    "datasets==5.2.0",
-    "tensorboard==2.21.0",
-    "psutil==7.2.2",  # megatron.core.dist_checkpointing needs it but does not declare it (save hangs without it)
-    "einops==0.8.2",
-    "numpy==2.4.6",
-    "pyyaml==6.0.3",
-    "tqdm==4.70.1",
+    # 0.16.x: newest for Python 3.11 (>=0.17 needs 3.12); the CPU compatibility layer is written against 0.16.1
+    "megatron-core>=0.16.1,<0.17",
+    "transformers>=5.0,<6",
+    "safetensors>=0.4",
+    "tokenizers>=0.21",
+    "sentencepiece>=0.2",
+    "datasets>=3.0",
+    "tensorboard>=2.15",
+    "psutil>=5.9",  # megatron.core.dist_checkpointing needs it but does not declare it (save hangs without it)
+    "einops>=0.7",
+    "numpy>=1.26",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0"],
+    "test": ["pytest>=8"],
     # Transformer Engine and apex are not pip-installable without a CUDA toolchain; they come with the NGC PyTorch
     # image (nvcr.io/nvidia/pytorch), where megatron_dil uses them automatically when importable with CUDA.
     "gpu": [],
