@@ -1,0 +1,243 @@
+"""The megatron_dil checkpoint: one directory the trainer loads at its TP size and any PP/VPP split.
+
+    megatron_dil_checkpoint.json   manifest (format version, TP, PP, vocab sizes, dtype, source, shard files)
+    model_config.yaml              the ModelConfig (to_dict), so no architecture flags are needed
+    hf_config.json                 the source HF config.json, when converted from HF (reused on export)
+    tokenizer/                     the HF tokenizer files, when the source had them
+    shards/tp{TT}_pp{PPP}.safetensors  one per (tp, pp) rank: canonical keys = local-spec names, GLOBAL layer indices
+
+Because layer indices are global, a rank finds its layers in whichever pipeline file holds them, so the PP size and
+the virtual-pipeline split are free at load time; only the TP size (the slicing of each tensor) is fixed.
+Directories are written under ``<path>.partial`` and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_dil.config import from_dict, save_config
+from megatron_dil.convert.hf_config import ConversionError
+from megatron_dil.convert.hf_files import DTYPES, copy_tokenizer, dtype_name
+from megatron_dil.convert.sharding import (EMBEDDING, OUTPUT, TensorParallelLayout, canonical_key, megatron_keys,
+                                           megatron_shard_shape)
+from megatron_dil.models.config import ModelConfig
+
+MANIFEST_NAME = "megatron_dil_checkpoint.json"
+FORMAT_VERSION = 1
+RESHARD_HINT = ("reshard it with `megatron-dil-hf-to-megatron --source {path} --output NEW_DIR --tensor-parallel {tp} "
+                "--pipeline-parallel P` (a Megatron→Megatron conversion)")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the built model; the message says what differs and how to reshard."""
+
+
+def shard_file(tp_rank: int, pp_rank: int) -> str:
+    return f"shards/tp{tp_rank:02d}_pp{pp_rank:03d}.safetensors"
+
+
+@dataclass
+class Manifest:
+    tensor_parallel: int
+    pipeline_parallel: int
+    padded_vocab_size: int
+    vocab_size: int
+    dtype: str
+    source: str
+    shards: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    format: str = "megatron_dil"
+
+
+def is_megatron_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+class MegatronCheckpoint:
+    """Read-only access to a checkpoint's tensors by (canonical key, TP rank), across its pipeline files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise ConversionError(f"{self.path} is not a megatron_dil checkpoint (no {MANIFEST_NAME})")
+        data = json.loads(manifest_path.read_text())
+        if data.get("format") != "megatron_dil" or data.get("format_version") != FORMAT_VERSION:
+            raise ConversionError(f"{manifest_path}: unsupported format {data.get('format')!r} version "
+                                  f"{data.get('format_version')!r} (this code reads version {FORMAT_VERSION})")
+        self.manifest = Manifest(**data)
+        self.model: ModelConfig = from_dict(ModelConfig, yaml.safe_load((self.path / "model_config.yaml").read_text()))
+        self.layout = TensorParallelLayout(self.model, self.manifest.tensor_parallel)
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[tuple[str, int], str] = {}
+        for name in self.manifest.shards:
+            if not (self.path / name).is_file():
+                raise ConversionError(f"{self.path / name} is listed in {MANIFEST_NAME} but missing")
+            tp_rank = int(Path(name).stem.split("_")[0][2:])
+            for key in self._open(name).keys():
+                self._file_of[(key, tp_rank)] = name
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.path / name), framework="pt")
+        return self._handles[name]
+
+    @property
+    def hf_config(self) -> dict[str, Any] | None:
+        path = self.path / "hf_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def has(self, key: str, tp_rank: int) -> bool:
+        return (key, tp_rank) in self._file_of
+
+    def shape(self, key: str, tp_rank: int) -> tuple[int, ...]:
+        return tuple(self._open(self._file_of[(key, tp_rank)]).get_slice(key).get_shape())
+
+    def read(self, key: str, tp_rank: int) -> torch.Tensor:
+        if (key, tp_rank) not in self._file_of:
+            raise ConversionError(f"{self.path}: tensor {key} of tensor-parallel rank {tp_rank} is in no shard file")
+        return self._open(self._file_of[(key, tp_rank)]).get_tensor(key)
+
+    def validate(self) -> None:
+        """Every tensor the config implies is present on every TP rank with the shape the config implies."""
+        for rank in range(self.layout.tensor_parallel):
+            for key in megatron_keys(self.model, range(self.model.num_layers), True, True):
+                expected = megatron_shard_shape(key, self.layout)
+                if not self.has(key, rank):
+                    raise ConversionError(f"{self.path}: tensor {key} of tensor-parallel rank {rank} is missing")
+                if self.shape(key, rank) != expected:
+                    raise ConversionError(f"{self.path / self._file_of[(key, rank)]}: {key} has shape "
+                                          f"{list(self.shape(key, rank))} but model_config.yaml implies "
+                                          f"{list(expected)} at tensor_parallel={self.layout.tensor_parallel}")
+
+
+def write_metadata(directory: Path, manifest: Manifest, model: ModelConfig, tokenizer_dir: str | Path | None,
+                   hf_config: dict[str, Any] | None) -> list[str]:
+    """Manifest, model config, HF config and tokenizer files into ``directory``; returns the tokenizer file names."""
+    (directory / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2))
+    save_config(model, directory / "model_config.yaml")
+    if hf_config is not None:
+        (directory / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
+    return copy_tokenizer(Path(tokenizer_dir), directory / "tokenizer") if tokenizer_dir else []
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Move a completed ``partial`` directory to ``final`` (replacing an older one only after it is complete)."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, final)
+
+
+def _global_layers(chunk: torch.nn.Module) -> dict[int, int]:
+    """Stage-local layer index → global index (Megatron's ``layer_number`` is 1-based and global)."""
+    return {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+
+
+def _canonical_tensors(chunk: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+    """The chunk's weights under canonical keys (TE ``_extra_state`` and the tied output layer dropped)."""
+    layers = _global_layers(chunk)
+    out = {}
+    for name, tensor in chunk.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor) or name.endswith("_extra_state"):
+            continue
+        key = canonical_key(name, layers)
+        if tied and key == OUTPUT:
+            continue
+        out[key] = tensor
+    return out
+
+
+def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) -> None:
+    """Copy this rank's tensors from the checkpoint at ``path`` into the built model chunks (any PP/VPP split).
+
+    Refuses with ``CheckpointMismatchError`` when the TP size, padded vocabulary or architecture differ from the built
+    model; with tied embeddings, a last pipeline stage reads the output layer from the embedding.
+    """
+    from megatron.core import parallel_state
+
+    ckpt = MegatronCheckpoint(path)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if ckpt.manifest.tensor_parallel != tp:
+        raise CheckpointMismatchError(
+            f"{path} was written for tensor_parallel={ckpt.manifest.tensor_parallel} but the model is built with "
+            f"tensor_parallel={tp}; " + RESHARD_HINT.format(path=path, tp=tp))
+    config, model = chunks[0].config, ckpt.model
+    built = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
+             "ffn_hidden_size": config.ffn_hidden_size, "num_attention_heads": config.num_attention_heads,
+             "num_query_groups": config.num_query_groups, "kv_channels": config.kv_channels,
+             "padded_vocab_size": chunks[0].vocab_size}
+    stored = {"num_layers": model.num_layers, "hidden_size": model.hidden_size,
+              "ffn_hidden_size": model.ffn_hidden_size, "num_attention_heads": model.num_attention_heads,
+              "num_query_groups": model.query_groups, "kv_channels": model.head_dim,
+              "padded_vocab_size": ckpt.manifest.padded_vocab_size}
+    for name, value in built.items():
+        if stored[name] != value:
+            raise CheckpointMismatchError(
+                f"{path}: {name}={stored[name]} in the checkpoint but {value} in the built model; build the model "
+                f"from the checkpoint's model_config.yaml (padded vocabulary depends on make_vocab_size_divisible_by "
+                f"× TP: " + RESHARD_HINT.format(path=path, tp=tp) + ")")
+    with torch.no_grad():
+        for chunk in chunks:
+            for key, param in _canonical_tensors(chunk, tied=False).items():
+                source_key = EMBEDDING if key == OUTPUT and model.tie_embeddings else key
+                value = ckpt.read(source_key, tp_rank)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise CheckpointMismatchError(f"{path}: {source_key} (tp rank {tp_rank}) has shape "
+                                                  f"{list(value.shape)}, the model expects {list(param.shape)}")
+                param.copy_(value)
+
+
+def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig,
+                             tokenizer_dir: str | Path | None = None, hf_config: dict[str, Any] | None = None,
+                             source: str = "save_megatron_checkpoint") -> None:
+    """Collective: every (tp, pp) rank of the first data/context-parallel replica writes its shard; global rank 0
+    writes manifest, model config, ``hf_config`` (optional, reused by the HF export) and tokenizer, then renames
+    ``<path>.partial`` to ``path``. All ranks of the default group must call it."""
+    from megatron.core import parallel_state
+
+    final = Path(path)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "shards").mkdir(parents=True)
+    dist.barrier()
+    tp, pp = (parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size())
+    if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+        tensors: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            tensors.update(_canonical_tensors(chunk, tied=model_cfg.tie_embeddings))
+        name = shard_file(parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_pipeline_model_parallel_rank())
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / name),
+                  metadata={"format": "pt"})
+    dist.barrier()
+    if rank == 0:
+        dtype = next(chunks[0].parameters()).dtype
+        manifest = Manifest(tensor_parallel=tp, pipeline_parallel=pp, padded_vocab_size=model_cfg.padded_vocab_size(tp),
+                            vocab_size=model_cfg.vocab_size, dtype=dtype_name(dtype), source=source,
+                            shards=[shard_file(t, p) for p in range(pp) for t in range(tp)])
+        write_metadata(partial, manifest, model_cfg, tokenizer_dir, hf_config)
+        publish(partial, final)
+    dist.barrier()
+
+
+__all__ = ["CheckpointMismatchError", "DTYPES", "Manifest", "MegatronCheckpoint", "is_megatron_checkpoint",
+           "load_megatron_checkpoint", "save_megatron_checkpoint"]

@@ -1,0 +1,143 @@
+"""Hugging Face ``config.json`` ↔ ``ModelConfig`` for LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM.
+
+Reads both the transformers-5 form (``rope_parameters``) and the older one (``rope_theta`` + ``rope_scaling``).
+Anything Megatron-Core cannot reproduce exactly is refused with a ``ConversionError`` naming the field.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_dil.models.config import ModelConfig
+
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Megatron-Core's Llama-3 RoPE scaling hard-codes these three values (only ``factor`` is configurable).
+LLAMA3_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+class ConversionError(ValueError):
+    """The checkpoint or request cannot be converted; the message names the file, tensor, field or flag."""
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist: not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON: {err}") from None
+
+
+def architecture_of(hf: dict[str, Any]) -> str:
+    """The model type (``llama``/``mistral``/``qwen2``), refusing anything else."""
+    architectures = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    supported = sorted(SUPPORTED_ARCHITECTURES.values())
+    if architectures:
+        if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES.values():
+            raise ConversionError(f"config.json architectures={architectures} is not supported; supported: {supported}")
+        return next(t for t, a in SUPPORTED_ARCHITECTURES.items() if a == architectures[0])
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")
+    return model_type
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling dict or None) from either config form."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        scaling = None if params.get("rope_type", "default") == "default" else params
+        return float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), scaling
+    return float(hf.get("rope_theta", 10000.0)), hf.get("rope_scaling")
+
+
+def _require(hf: dict[str, Any], field: str, expected: Any, why: str) -> None:
+    if hf.get(field, expected) != expected:
+        raise ConversionError(f"config.json {field}={hf[field]!r} is not supported ({why}); expected {expected!r}")
+
+
+def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int = 128) -> ModelConfig:
+    """The ``ModelConfig`` of a supported HF decoder config (refusing features Megatron-Core would compute differently)."""
+    arch = architecture_of(hf)
+    _require(hf, "hidden_act", "silu", "the Megatron model uses SwiGLU")
+    if arch != "qwen2":
+        _require(hf, "attention_bias", False, "a Llama o_proj bias has no Megatron counterpart")
+    _require(hf, "mlp_bias", False, "the Megatron model has no MLP biases")
+    _require(hf, "pretraining_tp", 1, "only the exact (non-sliced) Llama computation is supported")
+    if arch == "qwen2":
+        _require(hf, "use_sliding_window", False, "Qwen2's per-layer sliding window is not implemented")
+    theta, scaling = _rope(hf)
+    rope_factor = None
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise ConversionError(f"config.json rope scaling type {kind!r} is not supported (only 'llama3')")
+        for field, value in LLAMA3_FIXED_ROPE_SCALING.items():
+            if float(scaling.get(field, value)) != value:
+                raise ConversionError(f"config.json llama3 rope scaling {field}={scaling[field]} is not supported: "
+                                      f"Megatron-Core implements only {LLAMA3_FIXED_ROPE_SCALING}")
+        rope_factor = float(scaling["factor"])
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        vocab_size=hf["vocab_size"],
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        rotary_base=theta,
+        rope_scaling_factor=rope_factor,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2",
+        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def hf_config_from_model(model: ModelConfig, dtype: str) -> dict[str, Any]:
+    """A transformers-5 ``config.json`` for a ``ModelConfig`` (Qwen2 when it has QKV bias, Mistral with a sliding
+    window, Llama otherwise)."""
+    arch = "qwen2" if model.qkv_bias else "mistral" if model.sliding_window is not None else "llama"
+    rope: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_type": "default"}
+    if model.rope_scaling_factor is not None:
+        rope = {**rope, "rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED_ROPE_SCALING}
+    config: dict[str, Any] = {
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_act": "silu",
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.query_groups,
+        "head_dim": model.head_dim,
+        "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.norm_epsilon,
+        "rope_parameters": rope,
+        "tie_word_embeddings": model.tie_embeddings,
+        "initializer_range": model.init_method_std,
+        "attention_dropout": 0.0,
+        "dtype": dtype,
+    }
+    if arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    if arch == "mistral":
+        config["sliding_window"] = model.sliding_window
+    if arch == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None)
+    return config
+
+
+def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal in every field that changes the computed function (padding divisor and init/dropout excluded)."""
+    fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "query_groups",
+              "head_dim", "norm_epsilon", "rotary_base", "rope_scaling_factor", "tie_embeddings", "qkv_bias",
+              "sliding_window", "max_position_embeddings")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)

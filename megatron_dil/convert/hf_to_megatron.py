@@ -1,0 +1,136 @@
+"""HF (or megatron_dil) checkpoint → megatron_dil checkpoint at a chosen TP/PP layout, single process, streaming.
+
+Each (tp, pp) shard file is built in turn from slices read straight out of the source files, so the host holds at
+most one shard's tensors (≈ model size / (TP·PP)) plus the slice being read. Everything is validated — architecture,
+shard files, every tensor's presence and shape, dtype, TP/PP divisibility — before the first byte is written; the
+output appears only when complete (``<output>.partial`` renamed).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from megatron_dil.convert.checkpoint import (Manifest, MegatronCheckpoint, is_megatron_checkpoint, publish,
+                                             shard_file, write_metadata)
+from megatron_dil.convert.hf_config import ConversionError, model_config_from_hf, read_hf_config
+from megatron_dil.convert.hf_files import HFWeights, dtype_name, parse_dtype
+from megatron_dil.convert.sharding import (TensorParallelLayout, hf_shapes, hf_tensor, megatron_keys,
+                                           megatron_shard, validate_pipeline)
+
+
+@dataclass
+class ConversionSummary:
+    output_dir: str
+    tensor_parallel: int
+    pipeline_parallel: int
+    padded_vocab_size: int
+    vocab_size: int
+    dtype: str
+    files: int
+    tensors: int
+    bytes_written: int
+    tokenizer_files: list[str]
+
+    def __str__(self) -> str:
+        return (f"wrote {self.output_dir}: {self.files} shard files (TP={self.tensor_parallel}, "
+                f"PP={self.pipeline_parallel}), {self.tensors} tensors, {self.bytes_written / 2**20:.1f} MiB "
+                f"{self.dtype}; vocab {self.vocab_size} padded to {self.padded_vocab_size}; tokenizer: "
+                f"{', '.join(self.tokenizer_files) or 'none found'}")
+
+
+class _MegatronAsHF:
+    """A megatron_dil checkpoint seen through HF tensor names (full tensors merged from its TP shards)."""
+
+    def __init__(self, ckpt: MegatronCheckpoint):
+        self.ckpt = ckpt
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def read(self, key: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, hf_tensor(key, self.ckpt.read, self.ckpt.layout))
+        full = self._cached[1]
+        return full[start:stop] if dim == 0 else full[:, start:stop]
+
+
+def _check_hf_weights(weights: HFWeights, expected: dict[str, tuple[int, ...]], tied: bool) -> torch.dtype:
+    """Every expected tensor present with its shape, nothing unexpected, one float dtype; returns that dtype."""
+    present = set(weights.keys())
+    for key, shape in expected.items():
+        if key not in present:
+            raise ConversionError(f"{weights.dir}: tensor {key} is missing from the checkpoint")
+        if weights.shape(key) != shape:
+            raise ConversionError(f"{weights.dir}: tensor {key} has shape {list(weights.shape(key))} but config.json "
+                                  f"implies {list(shape)}")
+    unexpected = sorted(present - set(expected) - ({"lm_head.weight"} if tied else set()))
+    if unexpected:
+        raise ConversionError(f"{weights.dir}: tensor {unexpected[0]} is not part of a supported model "
+                              f"({len(unexpected)} unexpected tensors)")
+    dtypes = {weights.dtype(k) for k in expected}
+    if len(dtypes) != 1:
+        raise ConversionError(f"{weights.dir}: tensors have mixed dtypes {sorted(map(str, dtypes))}; pass dtype")
+    return dtypes.pop()
+
+
+def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: int, pipeline_parallel: int,
+                   dtype: str | None = None, make_vocab_size_divisible_by: int | None = None,
+                   progress: bool = True) -> ConversionSummary:
+    """Convert a HF Llama/Mistral/Qwen2 directory — or reshard a megatron_dil checkpoint — to ``output_dir``.
+
+    ``dtype`` (float32/bfloat16/float16) casts the weights; None keeps the source dtype. Raises ``ConversionError``
+    before writing anything when the input or request is invalid.
+    """
+    source, output = Path(hf_dir), Path(output_dir)
+    target_dtype = parse_dtype(dtype)
+    if output.exists():
+        raise ConversionError(f"output directory {output} already exists; remove it or choose another")
+    if is_megatron_checkpoint(source):
+        ckpt = MegatronCheckpoint(source)
+        ckpt.validate()
+        model, hf_config, tokenizer_dir = ckpt.model, ckpt.hf_config, source / "tokenizer"
+        if make_vocab_size_divisible_by is not None:
+            model = type(model)(**{**model.__dict__, "make_vocab_size_divisible_by": make_vocab_size_divisible_by})
+        reader, source_dtype, closer = _MegatronAsHF(ckpt), parse_dtype(ckpt.manifest.dtype), None
+    else:
+        hf_config = read_hf_config(source)
+        model = model_config_from_hf(hf_config, make_vocab_size_divisible_by or 128)
+        weights = HFWeights(source)
+        source_dtype = _check_hf_weights(weights, hf_shapes(model), model.tie_embeddings)
+        reader, tokenizer_dir, closer = weights, source, weights
+    layout = TensorParallelLayout(model, tensor_parallel)
+    validate_pipeline(model, pipeline_parallel)
+    out_dtype = target_dtype or source_dtype
+    per_stage = model.num_layers // pipeline_parallel
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "shards").mkdir(parents=True)
+    tensors = bytes_written = 0
+    try:
+        ranks = [(t, p) for p in range(pipeline_parallel) for t in range(tensor_parallel)]
+        for tp_rank, pp_rank in tqdm(ranks, desc="shard files", disable=not progress):
+            keys = megatron_keys(model, range(pp_rank * per_stage, (pp_rank + 1) * per_stage),
+                                 pp_rank == 0, pp_rank == pipeline_parallel - 1)
+            shard = {k: megatron_shard(k, reader.read, layout, tp_rank).to(out_dtype).contiguous() for k in keys}
+            save_file(shard, str(partial / shard_file(tp_rank, pp_rank)), metadata={"format": "pt"})
+            tensors += len(shard)
+            bytes_written += sum(t.numel() * t.element_size() for t in shard.values())
+            del shard
+        manifest = Manifest(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                            padded_vocab_size=layout.padded_vocab, vocab_size=model.vocab_size,
+                            dtype=dtype_name(out_dtype), source=str(source.resolve()),
+                            shards=[shard_file(t, p) for t, p in ranks])
+        tokenizer_files = write_metadata(partial, manifest, model,
+                                         tokenizer_dir if tokenizer_dir.is_dir() else None, hf_config)
+        publish(partial, output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if closer is not None:
+            closer.__exit__(None, None, None)
+    return ConversionSummary(str(output), tensor_parallel, pipeline_parallel, layout.padded_vocab, model.vocab_size,
+                             dtype_name(out_dtype), len(ranks), tensors, bytes_written, tokenizer_files)
