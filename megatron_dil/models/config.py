@@ -86,8 +86,8 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # CPU tests and the quick start: sized for the bundled tiny tokenizer (examples/tiny).
     "tiny": ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-                        vocab_size=512, max_position_embeddings=256, norm_epsilon=1e-5, rotary_base=10000.0,
-                        make_vocab_size_divisible_by=64),
+                        vocab_size=47, max_position_embeddings=64, norm_epsilon=1e-5, rotary_base=10000.0,
+                        make_vocab_size_divisible_by=32),
     "llama3-8b": ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                              num_query_groups=8, vocab_size=128256, max_position_embeddings=8192, norm_epsilon=1e-5,
                              rotary_base=500000.0),

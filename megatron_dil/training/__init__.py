@@ -1,0 +1,1 @@
+"""The DIL trainer: run config, policy/reference setup, the step, reference cache, checkpoints, monitoring."""

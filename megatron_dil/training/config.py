@@ -1,0 +1,110 @@
+"""The run config: one YAML file with these sections (``python -m megatron_dil.train --config RUN.yaml k=v ...``).
+
+Batch sizes count preference PAIRS; a micro-batch of N pairs runs 2N sequences (chosen and rejected together).
+Gradient accumulation = global_batch_size / (micro_batch_size × data-parallel size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_dil.data.config import DataConfig
+from megatron_dil.losses.config import LossConfig
+from megatron_dil.models.config import ModelConfig
+from megatron_dil.runtime.distributed import ParallelConfig
+
+
+@dataclass
+class InitConfig:
+    """Initial (and reference) weights: a checkpoint from ``megatron-dil-hf-to-megatron``, or random init."""
+
+    checkpoint: str | None = None  # its model_config.yaml defines the architecture; `model:` must then be omitted
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1  # pairs per micro-batch per DP rank (2× sequences)
+    global_batch_size: int = 128  # pairs per optimizer step, over all DP ranks and micro-batches
+    train_iters: int | None = None  # optimizer steps; None = `epochs` passes over the train set
+    epochs: float = 1.0
+    lr: float = 5e-7
+    min_lr: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | linear | constant (Megatron's OptimizerParamScheduler)
+    warmup_fraction: float = 0.1  # of train_iters
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = True  # overlap DP gradient all-reduce with backward (GPU)
+    recompute_activations: bool = False  # full activation recomputation (GPU option)
+    logprob_chunk_size: int | None = 4096  # tokens per chunk of the vocab-parallel log-softmax
+    nonfinite_loss: str = "skip"  # skip (drop the step, count it) | stop (raise, naming the step)
+    exit_interval: int | None = None  # leave (after a checkpoint) at a multiple of this step: time-limited jobs
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            raise ValueError("need 1 <= micro_batch_size <= global_batch_size")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_schedule must be cosine, linear or constant, not {self.lr_schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
+        if self.nonfinite_loss not in ("skip", "stop"):
+            raise ValueError(f"nonfinite_loss must be skip or stop, not {self.nonfinite_loss!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where reference log-probs come from (reference-free losses such as SimPO/CPO/ORPO/SFT use none).
+
+    ``precompute``: one forward pass of the frozen initial weights over the train/valid sets before training, stored
+    beside each dataset (``PREFIX.reference_logps.npz``) and reused by later runs and losses while model, tokenizer and
+    data are unchanged; a stale cache is refused. ``model``: a co-resident frozen copy run every step.
+    """
+
+    mode: str = "precompute"  # precompute | model
+    recompute: bool = False  # overwrite an existing (or stale) cache instead of refusing it
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("precompute", "model"):
+            raise ValueError(f"mode must be precompute or model, not {self.mode!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int | None = None  # steps between saves; a final save always happens
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints
+    export_hf: str | None = None  # write a Hugging Face model directory here at the end
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    eval_interval: int | None = None  # steps between validation passes; None = only at the end
+    eval_pairs: int | None = None  # cap on validation pairs per pass; None = the whole split
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    model: ModelConfig | None = None  # or a preset: `model: {preset: tiny}`; omit when init.checkpoint is set
+    init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.init.checkpoint is None:
+            raise ValueError("set `model` (e.g. model: {preset: tiny}) or `init.checkpoint`")
+        if self.model is not None and self.init.checkpoint is not None:
+            raise ValueError("`model` and `init.checkpoint` are exclusive: the checkpoint's model_config.yaml is used")
