@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed import run_ranks
-from tests.convert_models import TOKENS, build_hf_models
+from tests.test_convert_models import TOKENS, build_hf_models
 
 LAYOUTS = [  # (checkpoint converted at (TP, PP), loaded at (TP, PP, VPP))
     ((1, 1), (1, 1, None)),

@@ -1,5 +1,6 @@
-"""Tiny random Llama (GQA, untied, Llama-3 RoPE scaling), Mistral (sliding window) and Qwen2 (QKV bias, tied)
-models saved three ways (sharded safetensors, .bin, single safetensors), with their fp32 reference logits."""
+"""Shared fixtures of the convert tests (no tests here): tiny random Llama (GQA, untied, Llama-3 RoPE scaling),
+Mistral (sliding window) and Qwen2 (QKV bias, tied) models saved three ways (sharded safetensors, .bin, single
+safetensors), with their fp32 reference logits."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,7 +7,9 @@ output appears only when complete (``<output>.partial`` renamed).
 """
 from __future__ import annotations
 
+import argparse
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +136,38 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
             closer.__exit__(None, None, None)
     return ConversionSummary(str(output), tensor_parallel, pipeline_parallel, layout.padded_vocab, model.vocab_size,
                              dtype_name(out_dtype), len(ranks), tensors, bytes_written, tokenizer_files)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-dil-hf-to-megatron",
+        description="Convert a Hugging Face Llama-2/3, Mistral or Qwen2 directory (safetensors, sharded or not, or "
+                    "pytorch_model.bin) into a megatron_dil checkpoint at the given tensor/pipeline-parallel sizes.",
+        epilog="Resharding: pass an existing megatron_dil checkpoint as --source to rewrite it at another layout "
+               "(e.g. --source ckpt_tp2 --output ckpt_tp4 --tensor-parallel 4). Only the TP size is fixed at load "
+               "time: shards hold global layer indices, so the trainer loads any checkpoint at any PP/VPP split.",
+    )
+    parser.add_argument("--source", required=True, help="HF model directory, or a megatron_dil checkpoint to reshard")
+    parser.add_argument("--output", required=True, help="checkpoint directory to create (must not exist)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="TP size the trainer will use (default 1)")
+    parser.add_argument("--pipeline-parallel", type=int, default=1,
+                        help="PP split of the shard files (default 1; any PP loads any split)")
+    parser.add_argument("--dtype", default=None, help="cast weights to float32, bfloat16 or float16 (default: keep)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                        help="vocab padding divisor (padded to a multiple of this × TP; default 128)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``megatron-dil-hf-to-megatron``."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = hf_to_megatron(args.source, args.output, args.tensor_parallel, args.pipeline_parallel,
+                                 dtype=args.dtype, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                 progress=not args.no_progress)
+    except ConversionError as err:
+        print(f"megatron-dil-hf-to-megatron: error: {err}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0

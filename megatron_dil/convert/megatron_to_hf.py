@@ -6,10 +6,13 @@ safetensors; the config is the source ``config.json`` when the checkpoint still 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from megatron_dil.convert.checkpoint import MegatronCheckpoint, publish
@@ -32,8 +35,10 @@ def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None =
     out_dtype = target_dtype or parse_dtype(ckpt.manifest.dtype, f"{path} manifest dtype")
     stored = ckpt.hf_config
     if stored is not None and same_architecture(model_config_from_hf(stored), ckpt.model):
-        config = dict(stored)
-        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name(out_dtype)
+        config = dict(stored)  # verbatim, only the dtype recorded (transformers' default when absent: float32)
+        dtype_field = next((f for f in ("dtype", "torch_dtype") if f in config), None)
+        if dtype_field or out_dtype != torch.float32:
+            config[dtype_field or "dtype"] = dtype_name(out_dtype)
     else:
         config = hf_config_from_model(ckpt.model, dtype_name(out_dtype))
         if stored is not None:
@@ -54,3 +59,31 @@ def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None =
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return weight_map
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-dil-megatron-to-hf",
+        description="Export a megatron_dil checkpoint (any TP/PP layout) to a Hugging Face directory: sharded "
+                    "safetensors, config.json and the tokenizer, loadable by AutoModelForCausalLM.from_pretrained.",
+        epilog="To reshard a checkpoint for another TP size, use megatron-dil-hf-to-megatron --source CHECKPOINT.")
+    parser.add_argument("--source", required=True, help="megatron_dil checkpoint directory")
+    parser.add_argument("--output", required=True, help="HF directory to create (must not exist)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30,
+                        help="largest safetensors file, in GiB (default 5)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``megatron-dil-megatron-to-hf``."""
+    args = build_parser().parse_args(argv)
+    try:
+        weight_map = megatron_to_hf(args.source, args.output, dtype=args.dtype,
+                                    max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress)
+    except ConversionError as err:
+        print(f"megatron-dil-megatron-to-hf: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {len(weight_map)} tensors in {len(set(weight_map.values()))} safetensors files")
+    return 0
