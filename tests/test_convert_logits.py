@@ -49,6 +49,38 @@ def _megatron_logits(rank: int, world_size: int, cases: list[tuple[str, str, tup
     return results
 
 
+def _vpp_and_mismatch(rank: int, world_size: int, checkpoint_tp1: str) -> tuple[dict, str]:
+    """Load a TP=1/PP=1 checkpoint at PP=2 × VPP=2 (this rank's two chunks hold global layers {r, r+2}): return the
+    loaded weights by global name; then try it in a TP=2 model and return the refusal."""
+    from megatron.core import parallel_state
+
+    from megatron_dil.convert import CheckpointMismatchError, MegatronCheckpoint, load_megatron_checkpoint
+    from megatron_dil.models.builder import build_model
+    from megatron_dil.runtime import ParallelConfig, initialize
+
+    model_cfg = MegatronCheckpoint(checkpoint_tp1).model
+    initialize(ParallelConfig(tensor=1, pipeline=2, virtual_pipeline=2), model_cfg, seed=3)
+    chunks = build_model(model_cfg, max_sequence_length=TOKENS.shape[1])
+    load_megatron_checkpoint(chunks, checkpoint_tp1)
+    loaded = {}
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict().items():
+            if isinstance(tensor, torch.Tensor):
+                parts = name.split(".")
+                if parts[:2] == ["decoder", "layers"]:
+                    parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+                loaded[".".join(parts)] = tensor.clone()
+    parallel_state.destroy_model_parallel()
+    initialize(ParallelConfig(tensor=2), model_cfg, seed=3)
+    try:
+        load_megatron_checkpoint(build_model(model_cfg, max_sequence_length=TOKENS.shape[1]), checkpoint_tp1)
+        refusal = ""
+    except CheckpointMismatchError as err:
+        refusal = str(err)
+    parallel_state.destroy_model_parallel()
+    return loaded, refusal
+
+
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     return build_hf_models(tmp_path_factory.mktemp("hf"))
@@ -81,3 +113,21 @@ def test_logits_match_transformers_at_every_layout(hf_models, tmp_path):
                 assert written.keys() == saved.keys(), shard
                 for key in written:
                     assert torch.equal(written[key], saved[key]), f"{shard.name}:{key}"
+
+
+def test_virtual_pipeline_load_and_tensor_parallel_refusal(hf_models, tmp_path):
+    from megatron_dil.convert import hf_to_megatron
+
+    checkpoint = tmp_path / "llama_tp1"
+    hf_to_megatron(hf_models["llama"][0], checkpoint, tensor_parallel=1, pipeline_parallel=1, progress=False)
+    stored = load_file(checkpoint / "shards" / "tp00_pp000.safetensors")
+    (loaded0, refusal0), (loaded1, refusal1) = run_ranks(_vpp_and_mismatch, 2, str(checkpoint))
+    layers = {0: {int(k.split(".")[2]) for k in loaded0 if k.startswith("decoder.layers.")},
+              1: {int(k.split(".")[2]) for k in loaded1 if k.startswith("decoder.layers.")}}
+    assert layers == {0: {0, 2}, 1: {1, 3}}
+    assert set(loaded0) | set(loaded1) == set(stored) | {"output_layer.weight"}
+    for key, value in {**loaded0, **loaded1}.items():
+        assert torch.equal(value, stored[key]), key
+    for refusal in (refusal0, refusal1):
+        assert "written for tensor_parallel=1 but the model is built with tensor_parallel=2" in refusal
+        assert "--tensor-parallel 2" in refusal
