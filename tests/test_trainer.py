@@ -1,0 +1,255 @@
+"""The DIL trainer on real gloo ranks: layout parity, step-0 identities, resume, learning, reference modes, TensorBoard,
+non-finite losses."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.distributed import run_ranks
+
+TINY_HF = dict(vocab_size=47, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+               tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The bundled tiny task preprocessed, and one tiny HF Llama (random weights) converted at several layouts."""
+    import torch
+    import transformers
+
+    from megatron_dil.convert import hf_to_megatron
+    from megatron_dil.data.tiny_task import prepare_tiny_dataset
+
+    from megatron_dil.data.config import PreprocessConfig
+    from megatron_dil.data.preprocess import preprocess_pairs
+    from megatron_dil.data.tiny_task import TINY_MAX_LENGTH, TINY_MAX_PROMPT_LENGTH, tiny_example_dir
+
+    root = tmp_path_factory.mktemp("trainer")
+    full = prepare_tiny_dataset(str(root / "data" / "tiny"))
+    subset = root / "subset.jsonl"  # 480 pairs: enough for the short runs, cheap to precompute references for
+    lines = Path(tiny_example_dir(), "pairs.jsonl").read_text().splitlines()[:480]
+    subset.write_text("\n".join(lines) + "\n")
+    small = preprocess_pairs(PreprocessConfig(
+        inputs=[str(subset)], output_prefix=str(root / "data" / "small"), tokenizer=full["tokenizer"],
+        max_length=TINY_MAX_LENGTH, max_prompt_length=TINY_MAX_PROMPT_LENGTH, valid_fraction=0.15,
+        progress=False)).prefixes
+    data = dict(small, tokenizer=full["tokenizer"])
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HF, bos_token_id=1, eos_token_id=2))
+    hf.save_pretrained(root / "hf", safe_serialization=True)
+    checkpoints = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        checkpoints[(tp, pp)] = str(root / f"ckpt_tp{tp}_pp{pp}")
+        hf_to_megatron(root / "hf", checkpoints[(tp, pp)], tensor_parallel=tp, pipeline_parallel=pp, progress=False)
+    return {"root": root, "data": data, "full": full, "checkpoints": checkpoints}
+
+
+def run_dict(tiny, output_dir: Path, **sections) -> dict:
+    """A run config (plain dict, picklable for spawned ranks) on the tiny task; ``sections`` update it."""
+    run = {
+        "output_dir": str(output_dir),
+        "model": {"preset": "tiny"},
+        "data": {"train": [tiny["data"]["train"]], "valid": tiny["data"]["valid"],
+                 "tokenizer": tiny["data"]["tokenizer"], "max_length": 32},
+        "loss": {"name": "dil_lsif"},
+        "train": {"micro_batch_size": 4, "global_batch_size": 16, "train_iters": 3, "lr": 1e-3,
+                  "warmup_fraction": 0.0, "lr_schedule": "constant"},
+        "reference": {"mode": "precompute", "recompute": True},
+        "checkpoint": {"keep_last": 2},
+        "logging": {"eval_pairs": 64, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(run.get(section), dict):
+            run[section] = {**run[section], **values}
+        else:
+            run[section] = values
+    return run
+
+
+def _train(rank: int, world_size: int, run: dict) -> dict:
+    from megatron_dil.config import from_dict
+    from megatron_dil.training.config import RunConfig
+    from megatron_dil.training.trainer import train
+
+    result = train(from_dict(RunConfig, run))
+    return {"history": result.history, "evaluations": result.evaluations, "iteration": result.state.iteration,
+            "skipped": result.state.skipped_steps}
+
+
+def train_ranks(run: dict, world_size: int) -> dict:
+    """Train on ``world_size`` spawned gloo ranks; the last rank (last pipeline stage) holds the metrics."""
+    return run_ranks(_train, world_size, run)[-1]
+
+
+def _step0_and_train(rank: int, world_size: int, run: dict) -> dict:
+    """At step 0 (reference = initial weights) evaluate every DIL variant and DPO, then train."""
+    from megatron_dil.config import from_dict
+    from megatron_dil.losses import LossConfig, build_loss
+    from megatron_dil.runtime.distributed import shutdown
+    from megatron_dil.training.config import RunConfig
+    from megatron_dil.training.trainer import Trainer
+
+    try:
+        trainer = Trainer(from_dict(RunConfig, run))
+        trainer.prepare_reference()
+        step0 = {}
+        for name in ("dil_lsif", "dil_bce", "dil_ukl", "dpo"):
+            trainer.loss = build_loss(LossConfig(name=name))
+            step0[name] = trainer.evaluate()
+        trainer.loss = build_loss(LossConfig(name="dil_lsif"))
+        trainer.run.reference.recompute = False  # computed just above
+        result = trainer.fit()
+        return {"step0": step0, "history": result.history}
+    finally:
+        shutdown()
+
+
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (TP, PP, DP)
+
+
+def test_layouts_give_the_same_trajectory_and_step0_identities(tiny):
+    """Same weights and global batch: (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) give the same DIL-LSIF loss
+    trajectory; at step 0 every pair has f = 0, so LSIF = -1/2, BCE = 2 ln 2, UKL = 1, DPO = ln 2, rewards 0."""
+    expected_step0 = {"dil_lsif": -0.5, "dil_bce": 2 * math.log(2), "dil_ukl": 1.0, "dpo": math.log(2)}
+    trajectories = {}
+    for tp, pp, dp in LAYOUTS:
+        run = run_dict(tiny, tiny["root"] / f"run_{tp}{pp}{dp}", model=None,
+                       init={"checkpoint": tiny["checkpoints"][(tp, pp)]}, parallel={"tensor": tp, "pipeline": pp})
+        out = run_ranks(_step0_and_train, tp * pp * dp, run)[-1]
+        for name, value in expected_step0.items():
+            metrics = out["step0"][name]
+            assert metrics["loss"] == pytest.approx(value, abs=1e-5), (tp, pp, dp, name)
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+                assert abs(metrics[key]) < 1e-5, (tp, pp, dp, name, key, metrics[key])
+        assert out["history"][0]["dil/f_chosen"] == pytest.approx(0.0, abs=1e-5)
+        trajectories[(tp, pp, dp)] = [h["loss"] for h in out["history"]]
+    reference = trajectories[(1, 1, 1)]
+    assert reference[0] == pytest.approx(-0.5, abs=1e-5) and max(reference) - min(reference) > 1e-3
+    for layout, losses in trajectories.items():
+        np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-5, err_msg=str(layout))
+
+
+def test_resume_continues_the_uninterrupted_trajectory(tiny):
+    """DP=2 with the distributed optimizer: stop after step 3 (checkpoint), resume, and steps 4-6 equal an
+    uninterrupted run; a half-written checkpoint left by a crash is ignored and cleaned up."""
+    common = dict(train={"train_iters": 6}, logging={"eval_pairs": 16})
+    full = train_ranks(run_dict(tiny, tiny["root"] / "resume_full", **common), 2)
+    resumed_dir = tiny["root"] / "resume_split"
+    first = train_ranks(run_dict(tiny, resumed_dir, **{**common, "train": {"train_iters": 6, "exit_interval": 3}}), 2)
+    assert first["iteration"] == 3
+    crashed = resumed_dir / "checkpoints" / "iter_0000005.partial"  # a save that died half-way
+    crashed.mkdir()
+    (crashed / "rank_00000.pt").write_bytes(b"truncated")
+    second = train_ranks(run_dict(tiny, resumed_dir, **common), 2)
+    assert second["iteration"] == 6 and len(second["history"]) == 3
+    split = [h["loss"] for h in first["history"]] + [h["loss"] for h in second["history"]]
+    np.testing.assert_allclose(split, [h["loss"] for h in full["history"]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose([h["grad_norm"] for h in second["history"]],
+                               [h["grad_norm"] for h in full["history"][3:]], rtol=1e-6)
+    assert not crashed.exists()
+    kept = sorted(p.name for p in (resumed_dir / "checkpoints").iterdir())
+    assert kept == ["iter_0000003", "iter_0000006", "latest"]
+
+
+@pytest.mark.parametrize("loss", [{"name": "dil_lsif"}, {"name": "dpo", "beta": 0.1}])
+def test_training_moves_heldout_reward_accuracy(tiny, loss):
+    """On the bundled task held-out reward accuracy goes from ~0.2 (ties at step 0 count as wrong) to well above
+    chance; TensorBoard gets the documented scalars."""
+    out_dir = tiny["root"] / f"learn_{loss['name']}"
+    full = tiny["full"]
+    run = run_dict(tiny, out_dir, loss=loss, reference={"recompute": loss["name"] == "dil_lsif"},
+                   data={"train": [full["train"]], "valid": full["valid"]},
+                   train={"micro_batch_size": 8, "global_batch_size": 32, "train_iters": 40, "lr": 1e-3,
+                          "warmup_fraction": 0.1, "lr_schedule": "cosine"},
+                   logging={"eval_interval": 20, "eval_pairs": None, "tensorboard": True})
+    out = train_ranks(run, 2)
+    final = out["evaluations"][-1]
+    assert final["step"] == 40
+    assert final["rewards/accuracies"] > 0.8, out["evaluations"]
+    assert final["rewards/margins"] > 0
+    if loss["name"] == "dil_lsif":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out_dir / "tensorboard"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        documented = {f"train/{k}" for k in (
+            "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "dil/f_chosen", "dil/f_rejected", "dil/exp_f_chosen", "dil/exp_f_rejected", "lr",
+            "grad_norm", "loss_scale", "tokens_per_second", "pairs_per_second", "mfu", "memory_gib",
+            "skipped_steps")} | {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"}
+        assert documented <= tags, documented - tags
+        assert len(events.Scalars("train/loss")) == 40
+
+
+def test_precomputed_and_coresident_reference_give_the_same_losses(tiny):
+    runs = {mode: train_ranks(run_dict(tiny, tiny["root"] / f"ref_{mode}", reference={"mode": mode},
+                                       parallel={"tensor": 2}), 2)
+            for mode in ("precompute", "model")}
+    for key in ("loss", "dil/f_chosen", "dil/f_rejected", "rewards/accuracies"):
+        np.testing.assert_allclose([h[key] for h in runs["model"]["history"]],
+                                   [h[key] for h in runs["precompute"]["history"]], rtol=0, atol=1e-6)
+
+
+def test_stale_reference_cache_is_refused(tiny):
+    from megatron_dil.training.reference import StaleReferenceCache, cache_path
+
+    data = tiny["root"] / "stale"
+    shutil.copytree(Path(tiny["data"]["train"]).parent, data)
+    prefix = str(data / Path(tiny["data"]["train"]).name)
+    base = dict(data={"train": [prefix], "valid": None}, train={"train_iters": 1})
+    train_ranks(run_dict(tiny, tiny["root"] / "stale_a", **base), 1)
+    base["reference"] = {"recompute": False}
+    assert Path(cache_path(prefix)).exists()
+    with pytest.raises(RuntimeError, match=StaleReferenceCache.__name__ + "|another model"):
+        train_ranks(run_dict(tiny, tiny["root"] / "stale_b", model=None,
+                             init={"checkpoint": tiny["checkpoints"][(1, 1)]}, **base), 1)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_losses_are_skipped_or_stop_with_the_step(tiny, policy):
+    """A NaN in the reference cache makes the loss non-finite: `skip` counts and skips every step, `stop` raises
+    naming step 1."""
+    from megatron_dil.training.reference import cache_path
+
+    data = tiny["root"] / f"nan_{policy}"
+    shutil.copytree(Path(tiny["data"]["train"]).parent, data)
+    prefix = str(data / Path(tiny["data"]["train"]).name)
+    base = dict(data={"train": [prefix], "valid": None})
+    train_ranks(run_dict(tiny, tiny["root"] / f"nan_prep_{policy}", **base, train={"train_iters": 1}), 1)
+    base["reference"] = {"recompute": False}
+    with np.load(cache_path(prefix)) as cache:
+        sums, counts, identity = cache["sums"].copy(), cache["counts"], cache["identity"]
+    sums[:, 0] = np.nan
+    np.savez(cache_path(prefix), sums=sums, counts=counts, identity=identity)
+    run = run_dict(tiny, tiny["root"] / f"nan_run_{policy}", **base,
+                   train={"train_iters": 2, "nonfinite_loss": policy})
+    if policy == "stop":
+        with pytest.raises(RuntimeError, match="step 1: non-finite loss"):
+            train_ranks(run, 1)
+    else:
+        out = train_ranks(run, 1)
+        assert out["skipped"] == 2 and out["iteration"] == 2
+        assert all(math.isnan(h["grad_norm"]) for h in out["history"])
+
+
+def test_bad_runs_fail_with_a_clear_message(tiny):
+    from megatron_dil.config import ConfigError, from_dict
+    from megatron_dil.models.config import ModelConfig
+    from megatron_dil.training.config import RunConfig
+    from megatron_dil.training.trainer import _check_compatible
+
+    with pytest.raises(ConfigError, match="set `model`"):
+        from_dict(RunConfig, {"output_dir": "x"})
+    with pytest.raises(ConfigError, match="train.micro_batch_size: expected int"):
+        from_dict(RunConfig, run_dict(tiny, Path("x"), train={"micro_batch_size": "four"}))
+    run = from_dict(RunConfig, run_dict(tiny, Path("x")))
+    with pytest.raises(ValueError, match="wrong tokenizer"):
+        _check_compatible(run, ModelConfig.from_preset("tiny", vocab_size=40), 47)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        _check_compatible(run, ModelConfig.from_preset("tiny", max_position_embeddings=16), 47)
