@@ -167,6 +167,8 @@ def test_training_moves_heldout_reward_accuracy(tiny, loss):
                    train={"micro_batch_size": 8, "global_batch_size": 32, "train_iters": 40, "lr": 1e-3,
                           "warmup_fraction": 0.1, "lr_schedule": "cosine"},
                    logging={"eval_interval": 20, "eval_pairs": None, "tensorboard": True})
+    if loss["name"] == "dpo":
+        run["checkpoint"]["export_hf"] = str(out_dir / "hf")
     out = train_ranks(run, 2)
     final = out["evaluations"][-1]
     assert final["step"] == 40
@@ -185,6 +187,14 @@ def test_training_moves_heldout_reward_accuracy(tiny, loss):
             "skipped_steps")} | {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"}
         assert documented <= tags, documented - tags
         assert len(events.Scalars("train/loss")) == 40
+    else:  # the HF export at the end loads in transformers, tokenizer included
+        import torch
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir / "hf", torch_dtype=torch.float32)
+        assert hf.config.vocab_size == 47 and hf.config.num_hidden_layers == 2
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir / "hf")
+        assert len(tokenizer) == 47
 
 
 def test_precomputed_and_coresident_reference_give_the_same_losses(tiny):

@@ -1,6 +1,7 @@
 """The DIL training loop: set up, reference log-probs, then step → log → evaluate → checkpoint until done."""
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -252,15 +253,25 @@ class Trainer:
             self.monitor.scalars(state.iteration, {f"eval/{k}": v for k, v in metrics.items()})
 
     def export(self) -> None:
-        """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF."""
-        from megatron_dil.convert import megatron_to_hf, save_megatron_checkpoint
+        """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
+        checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
+        from megatron_dil.convert import MegatronCheckpoint, megatron_to_hf, save_megatron_checkpoint
 
-        tokenizer_dir = self.run.data.tokenizer if Path(self.run.data.tokenizer).is_dir() else None
+        init = self.run.init.checkpoint
+        hf_config = MegatronCheckpoint(init).hf_config if init else None
+        tokenizer_dir = next((str(p) for p in ([Path(init) / "tokenizer"] if init else []) + [Path(self.run.data.tokenizer)]
+                              if p.is_dir()), None)
         final = Path(self.run.output_dir) / "final"
-        save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir)
+        save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir, hf_config,
+                                 source="megatron-dil-train")
         if self.run.checkpoint.export_hf and dist.get_rank() == 0:
-            megatron_to_hf(final, self.run.checkpoint.export_hf)
-            self.monitor.log(f"exported Hugging Face model to {self.run.checkpoint.export_hf}")
+            target = Path(self.run.checkpoint.export_hf)
+            staging = target.with_name(target.name + ".exporting")  # a re-run replaces an older export whole
+            shutil.rmtree(staging, ignore_errors=True)
+            megatron_to_hf(final, staging, progress=False)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+            print(f"exported Hugging Face model to {target}", flush=True)
         dist.barrier()
 
 
