@@ -44,12 +44,25 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
+_PORT_CLASH = ("Address already in use", "EADDRINUSE", "failed to connect/validate")
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return results ordered by rank.
 
     ``fn`` decides how to initialise torch.distributed (the environment is torchrun's), so it can go through the
-    product's own runtime; it must be a module-level function (spawn pickles it).
+    product's own runtime; it must be a module-level function (spawn pickles it). A rendezvous port taken by another
+    process between ``free_port()`` and its use is retried once on a fresh port.
     """
+    try:
+        return _run_once(fn, world_size, args, timeout)
+    except RuntimeError as err:
+        if not any(marker in str(err) for marker in _PORT_CLASH):
+            raise
+        return _run_once(fn, world_size, args, timeout)
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

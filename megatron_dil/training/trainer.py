@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_dil.config import from_dict, save_config
+from megatron_dil.config import save_config
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.loader import build_dataloader, build_datasets
 from megatron_dil.data.tokenizer import load_tokenizer
@@ -39,15 +39,12 @@ class TrainResult:
 
 
 def resolve_model_config(run: RunConfig) -> ModelConfig:
+    """``model:`` for random init, else the architecture stored with ``init.checkpoint``."""
     if run.model is not None:
         return run.model
-    import yaml
+    from megatron_dil.convert import MegatronCheckpoint
 
-    path = Path(run.init.checkpoint) / "model_config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"init.checkpoint {run.init.checkpoint} has no model_config.yaml; convert it with "
-                                f"megatron-dil-hf-to-megatron")
-    return from_dict(ModelConfig, yaml.safe_load(path.read_text()), prefix="model_config.yaml")
+    return MegatronCheckpoint(run.init.checkpoint).model
 
 
 def _check_compatible(run: RunConfig, model: ModelConfig, tokenizer_vocab: int) -> None:
