@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.test_convert_models import random_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tensor, pipeline)
 SEQ = 12
@@ -38,7 +39,7 @@ def _tokens(batch: int, seed: int) -> torch.Tensor:
 
 def _save_tiny_hf_model(directory) -> torch.Tensor:
     """A transformers Llama with the tiny preset's architecture and random O(1) weights; returns its fp32 logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     tiny = _tiny()
     config = LlamaConfig(
@@ -47,14 +48,8 @@ def _save_tiny_hf_model(directory) -> torch.Tensor:
         num_key_value_heads=tiny.query_groups, head_dim=tiny.head_dim, rms_norm_eps=tiny.norm_epsilon,
         max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=tiny.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": tiny.rotary_base})
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float().eval()
+    model = random_model(config, seed=0)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.15)
         logits = model(_tokens(2, seed=1)).logits
     model.save_pretrained(directory)
     return logits
