@@ -10,7 +10,7 @@ Every figure is measured in this one run, so ratios compare like with like on a 
    tokens/s ratio, peak-RSS ratio (each side in a fresh process), and DPO loss agreement on identical log-probs.
 3. Reference cost: step time with precomputed reference log-probs vs a co-resident reference model.
 4. Scaling: tokens/s at DP=1,2 and TP=1,2 on gloo CPU ranks (one thread per rank), as efficiency vs linear:
-   tokens/s(N ranks) / (N · tokens/s(1 rank)), fixed global batch.
+   tokens/s(N ranks) / (N · tokens/s(1 rank)), fixed global batch (16 pairs, 4 layers, hidden 512).
 5. Vocab-parallel log-prob kernel vs naive log_softmax: ``bench/bench_logprobs.py`` run with small settings.
 
     python bench/bench_training.py --output bench/results/training.json
@@ -243,7 +243,7 @@ def prepare_data(tmp: str, pairs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "training.json"))
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per case (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per case (the first is warm-up)")
     parser.add_argument("--skip-trl", action="store_true", help="leave out the TRL DPOTrainer comparison")
     args = parser.parse_args()
 
@@ -275,9 +275,10 @@ def main() -> None:
                 row("3 reference cost", f"{name}: co-resident / precomputed step time",
                     f"{cases['model']['step_seconds']:.2f} s / {r['step_seconds']:.2f} s = {ratio:.2f}x")
         # 4: scaling
-        base = trainer_case(data, tmp, "scale_1", 1, args.steps, model=SCALING_MODEL)
-        dp2 = trainer_case(data, tmp, "scale_dp2", 2, args.steps, model=SCALING_MODEL)
-        tp2 = trainer_case(data, tmp, "scale_tp2", 2, args.steps, model=SCALING_MODEL, tensor=2)
+        scale = dict(model=SCALING_MODEL, global_batch=16)  # 16 pairs: DP=1 accumulates 4 micro-batches, DP=2 two
+        base = trainer_case(data, tmp, "scale_1", 1, args.steps, **scale)
+        dp2 = trainer_case(data, tmp, "scale_dp2", 2, args.steps, **scale)
+        tp2 = trainer_case(data, tmp, "scale_tp2", 2, args.steps, tensor=2, **scale)
         report["scaling"] = {"model": SCALING_MODEL, "one_rank": base, "dp2": dp2, "tp2": tp2}
         for label, r in (("DP=1 TP=1", base), ("DP=2", dp2), ("TP=2", tp2)):
             ranks = 1 if r is base else 2
