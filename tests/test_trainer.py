@@ -11,7 +11,7 @@ import pytest
 
 from tests.distributed import run_ranks
 
-TINY_HF = dict(vocab_size=47, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+TINY_HF = dict(vocab_size=47, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
                tie_word_embeddings=False)
 
@@ -43,9 +43,9 @@ def tiny(tmp_path_factory):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HF, bos_token_id=1, eos_token_id=2))
     hf.save_pretrained(root / "hf", safe_serialization=True)
     checkpoints = {}
-    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
-        checkpoints[(tp, pp)] = str(root / f"ckpt_tp{tp}_pp{pp}")
-        hf_to_megatron(root / "hf", checkpoints[(tp, pp)], tensor_parallel=tp, pipeline_parallel=pp, progress=False)
+    for tp in (1, 2):  # shards hold global layer indices: any PP / virtual-PP split loads them
+        checkpoints[tp] = str(root / f"ckpt_tp{tp}")
+        hf_to_megatron(root / "hf", checkpoints[tp], tensor_parallel=tp, pipeline_parallel=1, progress=False)
     return {"root": root, "data": data, "full": full, "checkpoints": checkpoints}
 
 
@@ -109,26 +109,28 @@ def _step0_and_train(rank: int, world_size: int, run: dict) -> dict:
         shutdown()
 
 
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (TP, PP, DP)
+LAYOUTS = [(1, 1, None, 1), (2, 1, None, 1), (1, 2, None, 1), (1, 2, 2, 1), (1, 1, None, 2)]  # (TP, PP, VPP, DP)
 
 
 def test_layouts_give_the_same_trajectory_and_step0_identities(tiny):
-    """Same weights and global batch: (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) give the same DIL-LSIF loss
-    trajectory; at step 0 every pair has f = 0, so LSIF = -1/2, BCE = 2 ln 2, UKL = 1, DPO = ln 2, rewards 0."""
+    """Same weights and global batch: (TP, PP, VPP, DP) = (1,1,-,1), (2,1,-,1), (1,2,-,1) (1F1B), (1,2,2,1)
+    (interleaved 1F1B) and (1,1,-,2) give the same DIL-LSIF loss trajectory; at step 0 every pair has f = 0, so
+    LSIF = -1/2, BCE = 2 ln 2, UKL = 1, DPO = ln 2, rewards 0."""
     expected_step0 = {"dil_lsif": -0.5, "dil_bce": 2 * math.log(2), "dil_ukl": 1.0, "dpo": math.log(2)}
     trajectories = {}
-    for tp, pp, dp in LAYOUTS:
-        run = run_dict(tiny, tiny["root"] / f"run_{tp}{pp}{dp}", model=None,
-                       init={"checkpoint": tiny["checkpoints"][(tp, pp)]}, parallel={"tensor": tp, "pipeline": pp})
+    for tp, pp, vpp, dp in LAYOUTS:
+        run = run_dict(tiny, tiny["root"] / f"run_{tp}{pp}{vpp}{dp}", model=None,
+                       init={"checkpoint": tiny["checkpoints"][tp]},
+                       parallel={"tensor": tp, "pipeline": pp, "virtual_pipeline": vpp})
         out = run_ranks(_step0_and_train, tp * pp * dp, run)[-1]
         for name, value in expected_step0.items():
             metrics = out["step0"][name]
-            assert metrics["loss"] == pytest.approx(value, abs=1e-5), (tp, pp, dp, name)
+            assert metrics["loss"] == pytest.approx(value, abs=1e-5), (tp, pp, vpp, dp, name)
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-                assert abs(metrics[key]) < 1e-5, (tp, pp, dp, name, key, metrics[key])
+                assert abs(metrics[key]) < 1e-5, (tp, pp, vpp, dp, name, key, metrics[key])
         assert out["history"][0]["dil/f_chosen"] == pytest.approx(0.0, abs=1e-5)
-        trajectories[(tp, pp, dp)] = [h["loss"] for h in out["history"]]
-    reference = trajectories[(1, 1, 1)]
+        trajectories[(tp, pp, vpp, dp)] = [h["loss"] for h in out["history"]]
+    reference = trajectories[LAYOUTS[0]]
     assert reference[0] == pytest.approx(-0.5, abs=1e-5) and max(reference) - min(reference) > 1e-3
     for layout, losses in trajectories.items():
         np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-5, err_msg=str(layout))
@@ -218,7 +220,7 @@ def test_stale_reference_cache_is_refused(tiny):
     assert Path(cache_path(prefix)).exists()
     with pytest.raises(RuntimeError, match=StaleReferenceCache.__name__ + "|another model"):
         train_ranks(run_dict(tiny, tiny["root"] / "stale_b", model=None,
-                             init={"checkpoint": tiny["checkpoints"][(1, 1)]}, **base), 1)
+                             init={"checkpoint": tiny["checkpoints"][1]}, **base), 1)
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])

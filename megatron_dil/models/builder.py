@@ -68,6 +68,10 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=not on_cpu,
+        # gloo matches point-to-point messages per (peer, tag) in posting order; Megatron's batched isend/irecv posts
+        # them in an order that can swap a forward activation and a backward gradient between the same two ranks
+        # (PP=2 interleaved). Unbatched p2p keeps a fixed send/recv order on both sides.
+        batch_p2p_comm=not on_cpu,
         **extra,
     )
 

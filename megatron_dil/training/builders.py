@@ -45,7 +45,6 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     config = chunks[0].config
     config.calculate_per_token_loss = True  # read by DDP's constructor: gradients summed over DP, not averaged
     config.finalize_model_grads_func = finalize_model_grads
-    config.variable_seq_lengths = parallel_state.get_pipeline_model_parallel_world_size() > 1
     overlap = train.overlap_grad_reduce and torch.cuda.is_available()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,

@@ -58,13 +58,58 @@ def _model_forward(model, batch: PreferenceBatch) -> torch.Tensor:
                  packed_seq_params=batch.packed_seq_params)
 
 
+def _pad_to(batch: PreferenceBatch, rows: int, length: int) -> PreferenceBatch:
+    """``batch`` grown to [rows, length] with padding (loss mask 0, sequence index −1, appended positions masked)."""
+    extra_rows, extra_cols = rows - batch.tokens.shape[0], length - batch.tokens.shape[1]
+    if not extra_rows and not extra_cols:
+        return batch
+
+    def grow(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, extra_cols, 0, extra_rows), value=value)
+
+    mask = batch.attention_mask
+    if mask is not None:  # [rows, 1, S, S], True = masked out; new queries see only themselves (no empty rows)
+        mask = torch.nn.functional.pad(mask, (0, extra_cols, 0, extra_cols, 0, 0, 0, extra_rows), value=True)
+        eye = torch.eye(length, dtype=torch.bool, device=mask.device)
+        mask = mask & ~(eye & torch.ones_like(mask))
+    return PreferenceBatch(grow(batch.tokens, 0), grow(batch.labels, 0), grow(batch.loss_mask, 0.0),
+                           grow(batch.position_ids, 0), mask, batch.packed_seq_params, grow(batch.sequence_index, -1),
+                           batch.sample_ids, batch.num_pairs, batch.num_tokens)
+
+
+def uniform_shapes(batches: list[PreferenceBatch]) -> list[PreferenceBatch]:
+    """Pipeline stages exchange activations of one static shape per schedule call: pad every micro-batch to the
+    largest [rows, S]. Padding sits after the real tokens (causal attention) and in extra rows, so results are
+    unchanged."""
+    rows = max(b.tokens.shape[0] for b in batches)
+    length = max(b.tokens.shape[1] for b in batches)
+    return [_pad_to(b, rows, length) for b in batches]
+
+
 def run_schedule(chunks: list, batches: list[PreferenceBatch],
                  loss_for: Callable[[int, PreferenceBatch, torch.Tensor], tuple], forward_only: bool) -> None:
     """Run Megatron's forward-backward function (no pipelining, 1F1B or interleaved by the parallel state) over
-    ``batches``; ``loss_for(index, batch, logits)`` is Megatron's loss function for micro-batch ``index``."""
+    ``batches``; ``loss_for(index, batch, logits)`` is Megatron's loss function for micro-batch ``index``.
+
+    The interleaved schedule needs a multiple of PP micro-batches: forward-only passes are padded with copies of the
+    last batch whose outputs are ignored (training steps are validated up front instead).
+    """
+    real = len(batches)
+    pipeline = parallel_state.get_pipeline_model_parallel_world_size()
+    if len(chunks) > 1 and real % pipeline:
+        if not forward_only:
+            raise ValueError(f"the interleaved schedule needs a multiple of PP={pipeline} micro-batches, got {real}")
+        batches = batches + [batches[-1]] * (pipeline - real % pipeline)
+    if pipeline > 1:
+        batches = uniform_shapes(batches)
+
+    def ignored(batch: PreferenceBatch, logits: torch.Tensor):
+        return logits.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
+
     def forward_step(data_iterator, model):
         index, batch = next(data_iterator)
-        return _model_forward(model, batch), partial(loss_for, index, batch)
+        loss = partial(loss_for, index, batch) if index < real else partial(ignored, batch)
+        return _model_forward(model, batch), loss
 
     items = list(enumerate(batches))
     get_forward_backward_func()(

@@ -90,6 +90,9 @@ class Trainer:
             raise ValueError(f"train.global_batch_size {train.global_batch_size} pairs is not divisible by "
                              f"micro_batch_size {train.micro_batch_size} × data-parallel size {self.dp_size}")
         self.accumulation = train.global_batch_size // (train.micro_batch_size * self.dp_size)
+        if run.parallel.virtual_pipeline and self.accumulation % run.parallel.pipeline:
+            raise ValueError(f"the interleaved schedule needs gradient accumulation ({self.accumulation} micro-batches)"
+                             f" to be a multiple of parallel.pipeline {run.parallel.pipeline}")
         self.train_set, self.valid_set = build_datasets(run.data, self.tokenizer)
         self.train_iters = train.train_iters or max(1, int(train.epochs * len(self.train_set))
                                                     // train.global_batch_size)
