@@ -8,10 +8,15 @@ parallel, data, loss, train, reference, checkpoint, logging. The resolved config
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from megatron_dil.config import ConfigError, load_config
-from megatron_dil.training.config import RunConfig
+from megatron_dil.runtime.cpu_compat import silence_expected_warnings
+
+silence_expected_warnings()  # before Megatron-Core is imported (it warns at import time)
+
+from megatron_dil.config import ConfigError, load_config  # noqa: E402
+from megatron_dil.training.config import RunConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_dil.training.trainer import train
 
-    train(run)
+    try:
+        train(run)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as err:
+        if os.environ.get("MEGATRON_DIL_TRACEBACK"):
+            raise
+        # Bad input (layout, data, tokenizer, checkpoint, stale reference cache, non-finite loss under `stop`):
+        # one line per failing rank instead of a traceback from every rank.
+        rank = os.environ.get("RANK", "0")
+        print(f"megatron-dil-train: error on rank {rank}: {type(err).__name__}: {err} "
+              f"(MEGATRON_DIL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

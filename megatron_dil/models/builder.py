@@ -83,6 +83,9 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
     The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP].
     """
     max_len = max_sequence_length or model.max_position_embeddings
+    if sequence_parallel and not transformer_engine_available():
+        raise ValueError("sequence_parallel needs Transformer Engine (GPU): the local layer spec's torch norms do not "
+                         "support it")
     if model.sliding_window is not None and not transformer_engine_available() and max_len > model.sliding_window:
         raise ValueError(f"sliding_window={model.sliding_window} needs Transformer Engine; without it keep "
                          f"sequences within the window (max length {max_len})")

@@ -142,5 +142,25 @@ def install() -> bool:
     return True
 
 
+_EXPECTED_ON_CPU = (
+    r".*Transformer Engine and Apex are not installed",  # Megatron-Core's import-time notices
+    r"Apex is not installed",
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",  # called by Megatron DDP
+    r"The \.grad attribute of a Tensor that is not a leaf",  # Megatron reads main_grad views' .grad
+    r"full scope is deprecated",  # TransformerConfig default cuda_graph_scope
+)
+
+
+def silence_expected_warnings() -> None:
+    """Hide the warnings every CPU run prints by design (TE/apex absent, Megatron's own deprecations), so the
+    console shows the run; call before importing Megatron-Core. With CUDA nothing is hidden."""
+    if torch.cuda.is_available():
+        return
+    import warnings
+
+    for pattern in _EXPECTED_ON_CPU:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def is_active() -> bool:
     return _installed

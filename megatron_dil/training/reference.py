@@ -68,20 +68,28 @@ def model_identity(init_checkpoint: str | None, model_config: dict[str, Any], se
 
 
 def cache_identity(model_id: dict[str, Any], dataset: PreferenceDataset, setup: LogProbSetup,
-                   precision: str) -> str:
-    payload = {"model": model_id, "dataset": dataset.metadata, "vocab_size": setup.vocab_size,
-               "precision": precision}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+                   precision: str) -> dict[str, str]:
+    """Digest per component (model weights, dataset + tokenizer, log-prob setting, precision) of what the cached
+    values depend on."""
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {"model": digest(model_id), "dataset and tokenizer": digest(dataset.metadata),
+            "vocab size": str(setup.vocab_size), "precision": precision}
 
 
-def _read_cache(path: str, identity: str) -> ReferenceTable | None:
+def _read_cache(path: str, identity: dict[str, str]) -> ReferenceTable | None:
     if not os.path.exists(path):
         return None
     with np.load(path) as data:
-        if str(data["identity"]) != identity:
+        try:
+            cached = json.loads(str(data["identity"]))
+        except ValueError:  # written by an older version: treat every component as different
+            cached = {}
+        if cached != identity:
+            differs = ", ".join(k for k in identity if cached.get(k) != identity[k])
             raise StaleReferenceCache(
-                f"{path} was computed for another model, tokenizer, dataset or precision; delete it or set "
-                f"reference.recompute=true to rebuild it")
+                f"{path} was computed for another {differs}; delete it or set reference.recompute=true to rebuild it")
         return ReferenceTable(sums=data["sums"].copy(), counts=data["counts"].copy())
 
 
@@ -140,7 +148,7 @@ def reference_table(chunks: list, dataset: PreferenceDataset | BlendedPreference
                                 if done == total or done % 50 == 0 else None)
             if dist.get_rank() == 0:
                 tmp = path + ".tmp.npz"
-                np.savez(tmp, sums=table.sums, counts=table.counts, identity=np.array(identity))
+                np.savez(tmp, sums=table.sums, counts=table.counts, identity=np.array(json.dumps(identity)))
                 os.replace(tmp, path)
             dist.barrier()
         tables.append(table)
