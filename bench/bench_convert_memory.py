@@ -23,15 +23,9 @@ import threading
 import time
 from pathlib import Path
 
+from procfs import status_kib  # bench/ is on sys.path when a benchmark runs as a script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def write_random_llama(directory: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int,
@@ -82,13 +76,13 @@ def _worker(case: dict) -> dict:
     torch.set_num_threads(2)
     from megatron_dil.convert import hf_to_megatron, megatron_to_hf
 
-    baseline, anon_baseline = _status_kib("VmRSS"), _status_kib("RssAnon")
+    baseline, anon_baseline = status_kib("VmRSS"), status_kib("RssAnon")
     anon_peak = [anon_baseline]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.002):
-            anon_peak[0] = max(anon_peak[0], _status_kib("RssAnon"))
+            anon_peak[0] = max(anon_peak[0], status_kib("RssAnon"))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -100,7 +94,7 @@ def _worker(case: dict) -> dict:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"seconds": seconds, "baseline_mib": baseline / 1024, "peak_mib": peak / 1024,
             "extra_mib": (peak - baseline) / 1024, "anon_extra_mib": (anon_peak[0] - anon_baseline) / 1024}
 

@@ -18,15 +18,9 @@ import sys
 import tempfile
 import time
 
+from procfs import status_kib  # bench/ is on sys.path when a benchmark runs as a script
+
 VOCAB = 128256
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _worker(case: dict) -> dict:
@@ -65,11 +59,11 @@ def _worker(case: dict) -> dict:
             dist.barrier(group)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-        rss_before = _status_kib("VmRSS")
+        rss_before = status_kib("VmRSS")
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        peaks.append((_status_kib("VmHWM") - rss_before) / 1024)
+        peaks.append((status_kib("VmHWM") - rss_before) / 1024)
     result = {"rank": rank, "seconds": min(times), "peak_extra_mib": max(peaks),
               "logits_mib": logits.numel() * logits.element_size() / 2**20}
     if group is not None:
