@@ -83,6 +83,9 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
     The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP].
     """
     max_len = max_sequence_length or model.max_position_embeddings
+    if recompute and not torch.cuda.is_available():
+        raise ValueError("recompute_activations is a GPU option: on CPU the re-forward runs in the autograd engine, "
+                         "outside the CPU bridge")
     if sequence_parallel and not transformer_engine_available():
         raise ValueError("sequence_parallel needs Transformer Engine (GPU): the local layer spec's torch norms do not "
                          "support it")

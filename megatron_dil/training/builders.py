@@ -45,7 +45,7 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     config = chunks[0].config
     config.calculate_per_token_loss = True  # read by DDP's constructor: gradients summed over DP, not averaged
     config.finalize_model_grads_func = finalize_model_grads
-    overlap = train.overlap_grad_reduce and torch.cuda.is_available()
+    overlap = train.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
         use_distributed_optimizer=train.distributed_optimizer, check_for_nan_in_grad=False)

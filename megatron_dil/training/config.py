@@ -37,7 +37,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = True  # overlap DP gradient all-reduce with backward (GPU)
+    overlap_grad_reduce: bool = True  # overlap the DP gradient reduction with the backward pass
     recompute_activations: bool = False  # full activation recomputation (GPU option)
     logprob_chunk_size: int | None = 4096  # tokens per chunk of the vocab-parallel log-softmax
     nonfinite_loss: str = "skip"  # skip (drop the step, count it) | stop (raise, naming the step)

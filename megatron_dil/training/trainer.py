@@ -209,7 +209,9 @@ class Trainer:
         latest = latest_checkpoint(checkpoints) if run.checkpoint.resume else None
         if latest is not None:
             state = load_checkpoint(latest, self.policy, self.optimizer, self.scheduler)
-            self.monitor.log(f"resumed from {latest} at step {state.iteration} ({state.consumed_samples} pairs seen)")
+            self.monitor.log(f"resumed from {latest} at step {state.iteration} ({state.consumed_samples} pairs seen)"
+                             + (" — training already complete: evaluating and exporting only"
+                                if state.iteration >= self.train_iters else ""))
         loader = build_dataloader(self.train_set, run.data, self.tokenizer, run.train.micro_batch_size,
                                   parallel_state.get_data_parallel_rank(), self.dp_size,
                                   consumed_samples=state.consumed_samples, train=True)
