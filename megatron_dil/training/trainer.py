@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_dil.config import save_config
+from megatron_dil.config import save_config, to_dict
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.loader import build_dataloader, build_datasets
 from megatron_dil.data.tokenizer import load_tokenizer
@@ -58,20 +58,12 @@ def _check_compatible(run: RunConfig, model: ModelConfig, tokenizer_vocab: int) 
         raise ValueError("parallel.context > 1 is not supported by the trainer yet (sequences are not split)")
 
 
-def _dp_sum(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if torch.cuda.is_available():
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+def _all_reduce(value: float, op: dist.ReduceOp = dist.ReduceOp.SUM, group=None) -> float:
+    """A scalar reduced over ``group`` (the world by default), on the device the backend needs."""
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(tensor, op=op, group=group)
     return float(tensor.item())
-
-
-def _any_rank(flag: bool) -> bool:
-    tensor = torch.tensor([1.0 if flag else 0.0])
-    if torch.cuda.is_available():
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 class Trainer:
@@ -116,8 +108,6 @@ class Trainer:
         if self.run.reference.mode == "model":
             self.reference_model = build_reference(self.model_config, self.run, self.run.data.max_length)
             return
-        from megatron_dil.config import to_dict
-
         model_id = model_identity(self.run.init.checkpoint, to_dict(self.model_config), self.run.train.seed)
         for chunk in self.policy:
             chunk.eval()
@@ -147,7 +137,7 @@ class Trainer:
         results = preference_losses(self.policy, batches, self.loss, self.setup, reference, forward_only=False)
         step = state.iteration + 1
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        if _any_rank(bool(results.nonfinite)):
+        if _all_reduce(float(bool(results.nonfinite)), dist.ReduceOp.MAX):
             state.skipped_steps += 1
             detail = "; ".join(results.nonfinite) or "on another rank"
             if self.run.train.nonfinite_loss == "stop":
@@ -158,7 +148,7 @@ class Trainer:
             _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
         seconds = time.perf_counter() - started
-        tokens = _dp_sum(sum(b.num_tokens for b in batches))
+        tokens = _all_reduce(sum(b.num_tokens for b in batches), group=parallel_state.get_data_parallel_group())
         padded = max(b.tokens.shape[1] for b in batches)
         metrics = results.metrics.reduce(parallel_state.get_data_parallel_group()) \
             if parallel_state.is_pipeline_last_stage() else {}
