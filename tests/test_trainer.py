@@ -275,3 +275,31 @@ def test_bad_runs_fail_with_a_clear_message(tiny):
         _check_compatible(run, ModelConfig.from_preset("tiny", vocab_size=40), 47)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         _check_compatible(run, ModelConfig.from_preset("tiny", max_position_embeddings=16), 47)
+
+
+def test_pipeline_padding_keeps_every_sequence_unchanged(tiny):
+    """Micro-batches padded to one [rows, S] for the pipeline keep tokens, masks and sequence ids of the real
+    sequences; padded positions belong to no sequence and see only themselves."""
+    import torch
+
+    from megatron_dil.data import PreferenceCollator, PreferenceDataset
+    from megatron_dil.training.step import uniform_shapes
+
+    dataset = PreferenceDataset(tiny["data"]["train"])
+    for packing in ("none", "mask"):
+        collate = PreferenceCollator(0, 8, packing, 64)
+        small, large = collate([dataset[i] for i in range(2)]), collate([dataset[i] for i in range(2, 8)])
+        padded = uniform_shapes([small, large])
+        assert padded[1] is large and padded[0].tokens.shape == large.tokens.shape
+        rows, length = small.tokens.shape
+        grown = padded[0]
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "sequence_index"):
+            assert torch.equal(getattr(grown, name)[:rows, :length], getattr(small, name)), (packing, name)
+        assert (grown.sequence_index[rows:] == -1).all() and (grown.sequence_index[:, length:] == -1).all()
+        assert grown.loss_mask[rows:].sum() == 0 and grown.loss_mask[:, length:].sum() == 0
+        if packing == "mask":
+            mask = grown.attention_mask
+            assert torch.equal(mask[:rows, :, :length, :length], small.attention_mask)
+            assert mask[:rows, :, :length, length:].all()  # real queries never see padding
+            side = mask.shape[-1]
+            assert not mask[..., torch.arange(side), torch.arange(side)].any()  # no fully masked row

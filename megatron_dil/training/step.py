@@ -70,8 +70,7 @@ def _pad_to(batch: PreferenceBatch, rows: int, length: int) -> PreferenceBatch:
     mask = batch.attention_mask
     if mask is not None:  # [rows, 1, S, S], True = masked out; new queries see only themselves (no empty rows)
         mask = torch.nn.functional.pad(mask, (0, extra_cols, 0, extra_cols, 0, 0, 0, extra_rows), value=True)
-        eye = torch.eye(length, dtype=torch.bool, device=mask.device)
-        mask = mask & ~(eye & torch.ones_like(mask))
+        mask = mask & ~torch.eye(length, dtype=torch.bool, device=mask.device)
     return PreferenceBatch(grow(batch.tokens, 0), grow(batch.labels, 0), grow(batch.loss_mask, 0.0),
                            grow(batch.position_ids, 0), mask, batch.packed_seq_params, grow(batch.sequence_index, -1),
                            batch.sample_ids, batch.num_pairs, batch.num_tokens)
