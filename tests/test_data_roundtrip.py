@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from megatron_dil.data import PreferenceDataset, PreprocessConfig, load_tokenizer, preprocess_pairs
+from megatron_dil.data import PreferenceDataset, PreprocessConfig, preprocess_pairs
 from megatron_dil.data.preprocess import main
 from megatron_dil.data.tiny_task import tiny_example_dir
 

@@ -2,7 +2,6 @@
 DIL against a transcription of the released code (TRL 0.8.6 DPOTrainer fork, scripts/dpo_trainer.py)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest

@@ -149,7 +149,7 @@ def _masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
 def _ddp_step(rank: int, world_size: int) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_dil.runtime import ParallelConfig, initialize, shutdown
+    from megatron_dil.runtime import initialize, shutdown
     from megatron_dil.training.builders import build_policy
     from megatron_dil.training.config import RunConfig, TrainConfig
 

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from typing import Any, Iterator
@@ -30,7 +29,7 @@ from megatron_dil.data.config import PreprocessConfig
 from megatron_dil.data.rows import DROP_REASONS, Columns, RowError, parse_row
 from megatron_dil.data.templates import resolve_template
 from megatron_dil.data.tokenize import TokenizedPair, TruncationConfig, tokenize_pair
-from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer
+from megatron_dil.data.tokenizer import load_tokenizer
 
 FORMAT_VERSION = "megatron_dil.preference/v1"
 SPLITS = ("train", "valid")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
@@ -45,16 +44,15 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     config = chunks[0].config
     config.calculate_per_token_loss = True  # read by DDP's constructor: gradients summed over DP, not averaged
     config.finalize_model_grads_func = finalize_model_grads
-    overlap = train.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=train.overlap_grad_reduce,
         use_distributed_optimizer=train.distributed_optimizer, check_for_nan_in_grad=False)
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                        disable_bucketing=index > 0)
                for index, chunk in enumerate(chunks)]
     no_sync = [w.no_sync for w in wrapped]
     config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
-    if overlap:
+    if train.overlap_grad_reduce:
         grad_sync = [w.start_grad_sync for w in wrapped]
         config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
     optimizer = get_megatron_optimizer(

@@ -15,7 +15,6 @@ Resume needs the same TP/PP/DP layout (a different one is refused with the layou
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
