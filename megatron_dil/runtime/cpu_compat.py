@@ -148,6 +148,7 @@ _EXPECTED_ON_CPU = (
     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",  # called by Megatron DDP
     r"The \.grad attribute of a Tensor that is not a leaf",  # Megatron reads main_grad views' .grad
     r"full scope is deprecated",  # TransformerConfig default cuda_graph_scope
+    r"When using async grad allreduce",  # CUDA_DEVICE_MAX_CONNECTIONS advice for GPUs
 )
 
 

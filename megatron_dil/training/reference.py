@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.dataset import BlendedPreferenceDataset, PreferenceDataset
 from megatron_dil.losses import PairLogProbs
 from megatron_dil.ops.logprobs import SequenceLogProbs
+from megatron_dil.training.monitor import format_seconds
 from megatron_dil.training.step import LogProbSetup, compute_logprobs
 
 
@@ -143,9 +145,14 @@ def reference_table(chunks: list, dataset: PreferenceDataset | BlendedPreference
             log(f"reference log-probs: reusing {path}")
         else:
             log(f"reference log-probs: computing {len(part)} pairs of {part.prefix}")
-            table = _precompute(chunks, part, collator, setup, micro_batch_size, device,
-                                lambda done, total: log(f"  reference pass {done}/{total} micro-batches")
-                                if done == total or done % 50 == 0 else None)
+            started = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                if done == total or done % 50 == 0:
+                    eta = (time.perf_counter() - started) / done * (total - done)
+                    log(f"  reference pass {done}/{total} micro-batches, ETA {format_seconds(eta)}")
+
+            table = _precompute(chunks, part, collator, setup, micro_batch_size, device, progress)
             if dist.get_rank() == 0:
                 tmp = path + ".tmp.npz"
                 np.savez(tmp, sums=table.sums, counts=table.counts, identity=np.array(json.dumps(identity)))
