@@ -218,6 +218,18 @@ def test_packed_rows_train_like_padded_rows(tiny):
                                    [h[key] for h in runs["none"]["history"]], rtol=0, atol=2e-6)
 
 
+def test_blended_datasets_look_up_their_own_reference_logprobs(tiny):
+    """A 50/50 blend of two datasets: reference tables are concatenated in sample-id order, so at step 0 every pair
+    of both datasets has f = 0 exactly as in a single dataset."""
+    data = tiny["data"]
+    blend = [f"0.5:{data['train']}", f"0.5:{tiny['full']['train']}"]
+    out = train_ranks(run_dict(tiny, tiny["root"] / "blend", data={"train": blend, "num_workers": 1},
+                               train={"train_iters": 2}), 2)
+    first = out["history"][0]
+    assert first["loss"] == pytest.approx(-0.5, abs=1e-6)
+    assert abs(first["dil/f_chosen"]) < 1e-6 and abs(first["dil/f_rejected"]) < 1e-6
+
+
 def test_stale_reference_cache_is_refused(tiny):
     from megatron_dil.training.reference import StaleReferenceCache, cache_path
 
