@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_dil.convert.checkpoint import publish
+
 
 @dataclass
 class TrainState:
@@ -113,13 +115,7 @@ def save_checkpoint(root: str | Path, chunks: list, optimizer, scheduler, state:
     dist.barrier()
     if rank == 0:
         (partial / "state.json").write_text(json.dumps({**asdict(state), "layout": _layout()}, indent=1))
-        if final.exists():  # re-saving the same step: keep the old copy until the new one is in place
-            old = root / f"{name}.old"
-            final.rename(old)
-            partial.rename(final)
-            shutil.rmtree(old)
-        else:
-            partial.rename(final)
+        publish(partial, final)  # re-saving a step keeps the old copy until the new one is in place
         tmp = root / "latest.tmp"
         tmp.write_text(name)
         tmp.replace(root / "latest")

@@ -126,8 +126,10 @@ class Trainer:
         return table_reference(self.tables[split])
 
     # --------------------------------------------------------------------------------------------------- steps
-    def train_step(self, batches: list[PreferenceBatch], state: TrainState) -> dict[str, float]:
-        """One optimizer step over ``accumulation`` micro-batches; returns metrics + scalars (last stage)."""
+    def train_step(self, batches: list[PreferenceBatch], state: TrainState
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+        """One optimizer step over ``accumulation`` micro-batches; returns the loss metrics (last stage) and the step's
+        scalars (lr, grad norm, throughput, ...)."""
         started = time.perf_counter()
         reference = self.reference_for("train", batches)
         for chunk in self.policy:
@@ -154,12 +156,12 @@ class Trainer:
             if parallel_state.is_pipeline_last_stage() else {}
         flops = tokens * training_flops_per_token(self.model_config, padded) / seconds
         world = dist.get_world_size()
-        return {**metrics, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "loss_scale": float(self.optimizer.get_loss_scale()), "tokens_per_second": tokens / seconds,
-                "pairs_per_second": self.run.train.global_batch_size / seconds, "step_seconds": seconds,
-                "mfu": flops / (self.monitor.peak_flops * world), "memory_gib": peak_memory_gib(),
-                "skipped_steps": float(state.skipped_steps)}
+        scalars = {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "loss_scale": float(self.optimizer.get_loss_scale()), "tokens_per_second": tokens / seconds,
+                   "pairs_per_second": self.run.train.global_batch_size / seconds, "step_seconds": seconds,
+                   "mfu": flops / (self.monitor.peak_flops * world), "memory_gib": peak_memory_gib(),
+                   "skipped_steps": float(state.skipped_steps)}
+        return metrics, scalars
 
     def evaluate(self) -> dict[str, float]:
         """Loss metrics on the validation split (capped at ``logging.eval_pairs``), reduced over DP."""
@@ -174,9 +176,8 @@ class Trainer:
         limit = len(loader) if self.run.logging.eval_pairs is None else \
             min(len(loader), max(1, self.run.logging.eval_pairs // per_step))
         results = MicroBatchResults()
-        batches = [b.to(self.device) for b in islice(loader, limit)]
-        for start in range(0, len(batches), self.accumulation):
-            window = batches[start:start + self.accumulation]
+        batches = (b.to(self.device) for b in islice(loader, limit))
+        while window := list(islice(batches, self.accumulation)):
             preference_losses(self.policy, window, self.loss, self.setup, self.reference_for("valid", window),
                               forward_only=True, results=results)
         if not parallel_state.is_pipeline_last_stage():
@@ -208,13 +209,12 @@ class Trainer:
         batches_iter = iter(loader)
         while state.iteration < self.train_iters:
             batches = [next(batches_iter).to(self.device) for _ in range(self.accumulation)]
-            record = self.train_step(batches, state)
+            metrics, scalars = self.train_step(batches, state)
             state.iteration += 1
             state.consumed_samples += run.train.global_batch_size
-            result.history.append(record)
+            result.history.append({**metrics, **scalars})
             if state.iteration % run.logging.log_interval == 0 or state.iteration == self.train_iters:
-                self.monitor.step(state.iteration, {k: v for k, v in record.items() if "/" in k or k == "loss"},
-                                  {k: v for k, v in record.items() if "/" not in k and k != "loss"})
+                self.monitor.step(state.iteration, metrics, scalars)
             if run.logging.eval_interval and state.iteration % run.logging.eval_interval == 0 \
                     and state.iteration < self.train_iters:
                 self._record_eval(state, result)
@@ -248,6 +248,7 @@ class Trainer:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
         checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
         from megatron_dil.convert import MegatronCheckpoint, megatron_to_hf, save_megatron_checkpoint
+        from megatron_dil.convert.checkpoint import publish
 
         init = self.run.init.checkpoint
         hf_config = MegatronCheckpoint(init).hf_config if init else None
@@ -261,8 +262,7 @@ class Trainer:
             staging = target.with_name(target.name + ".exporting")  # a re-run replaces an older export whole
             shutil.rmtree(staging, ignore_errors=True)
             megatron_to_hf(final, staging, progress=False)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+            publish(staging, target)
             print(f"exported Hugging Face model to {target}", flush=True)
         dist.barrier()
 
