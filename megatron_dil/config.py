@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from megatron_dil.io import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -167,6 +169,4 @@ def save_config(obj: Any, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically), so a run can be reproduced from it alone."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

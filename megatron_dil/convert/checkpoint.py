@@ -13,7 +13,6 @@ Directories are written under ``<path>.partial`` and renamed into place when com
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from megatron_dil.convert.hf_config import ConversionError
 from megatron_dil.convert.hf_files import DTYPES, copy_tokenizer, dtype_name
 from megatron_dil.convert.sharding import (EMBEDDING, OUTPUT, TensorParallelLayout, canonical_key, megatron_keys,
                                            megatron_shard_shape)
+from megatron_dil.io import publish
 from megatron_dil.models.config import ModelConfig
 
 MANIFEST_NAME = "megatron_dil_checkpoint.json"
@@ -129,18 +129,6 @@ def write_metadata(directory: Path, manifest: Manifest, model: ModelConfig, toke
     if hf_config is not None:
         (directory / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
     return copy_tokenizer(Path(tokenizer_dir), directory / "tokenizer") if tokenizer_dir else []
-
-
-def publish(partial: Path, final: Path) -> None:
-    """Move a completed ``partial`` directory to ``final`` (replacing an older one only after it is complete)."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, final)
 
 
 def _global_layers(chunk: torch.nn.Module) -> dict[int, int]:

@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from megatron_dil.convert.checkpoint import (Manifest, MegatronCheckpoint, is_megatron_checkpoint, publish,
-                                             shard_file, write_metadata)
+from megatron_dil.convert.checkpoint import (Manifest, MegatronCheckpoint, is_megatron_checkpoint, shard_file,
+                                             write_metadata)
 from megatron_dil.convert.hf_config import ConversionError, model_config_from_hf, read_hf_config
 from megatron_dil.convert.hf_files import HFWeights, dtype_name, parse_dtype
 from megatron_dil.convert.sharding import (TensorParallelLayout, hf_shapes, hf_tensor, megatron_keys,
                                            megatron_shard, validate_pipeline)
+from megatron_dil.io import publish
 
 
 @dataclass

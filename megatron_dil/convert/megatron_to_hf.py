@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_dil.convert.checkpoint import MegatronCheckpoint, publish
+from megatron_dil.convert.checkpoint import MegatronCheckpoint
+from megatron_dil.io import publish
 from megatron_dil.convert.hf_config import ConversionError, hf_config_from_model, model_config_from_hf, same_architecture
 from megatron_dil.convert.hf_files import copy_tokenizer, dtype_name, parse_dtype, write_sharded_safetensors
 from megatron_dil.convert.sharding import hf_keys, hf_tensor

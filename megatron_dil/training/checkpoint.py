@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_dil.convert.checkpoint import publish
+from megatron_dil.io import atomic_write_text, publish
 
 
 @dataclass
@@ -116,9 +116,7 @@ def save_checkpoint(root: str | Path, chunks: list, optimizer, scheduler, state:
     if rank == 0:
         (partial / "state.json").write_text(json.dumps({**asdict(state), "layout": _layout()}, indent=1))
         publish(partial, final)  # re-saving a step keeps the old copy until the new one is in place
-        tmp = root / "latest.tmp"
-        tmp.write_text(name)
-        tmp.replace(root / "latest")
+        atomic_write_text(root / "latest", name)
         complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / "state.json").exists()
                           and p.suffix == "")
         for old in complete[:-keep_last] if keep_last > 0 else []:

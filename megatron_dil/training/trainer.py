@@ -248,7 +248,7 @@ class Trainer:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
         checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
         from megatron_dil.convert import MegatronCheckpoint, megatron_to_hf, save_megatron_checkpoint
-        from megatron_dil.convert.checkpoint import publish
+        from megatron_dil.io import publish
 
         init = self.run.init.checkpoint
         hf_config = MegatronCheckpoint(init).hf_config if init else None
