@@ -4,7 +4,9 @@ Every case runs in a fresh Python process. Logits are bf16 (Megatron's output dt
 Peak memory = extra resident memory during forward + backward: the process's peak RSS is reset (Linux
 /proc/self/clear_refs "5") once the inputs exist, and the reported number is VmHWM − VmRSS-before, i.e. everything the
 log-prob path allocates on top of its input logits (including the bf16 gradient of the logits). TP=2 runs two gloo ranks
-(one thread each) holding half the vocabulary each and reports the slower / larger rank.
+(one thread each) holding half the vocabulary each and reports the slower / larger rank. With ``--device cuda`` the
+logits live on the GPU and the extra peak is ``torch.cuda.max_memory_allocated`` above the allocation before the step
+(timed with synchronisation; TP=2 then needs two GPUs and NCCL).
 
     python bench/bench_logprobs.py --output bench_logprobs.json
 """
@@ -33,17 +35,21 @@ def _worker(case: dict) -> dict:
 
     group = None
     tp = case["tp"]
+    device = torch.device(case.get("device", "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("RANK", "0")))
+        torch.cuda.set_device(device)
     if tp > 1:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         group = dist.group.WORLD
     rank = dist.get_rank() if tp > 1 else 0
     batch, seq = case["batch"], case["seq"]
-    gen = torch.Generator().manual_seed(0)
-    targets = torch.randint(0, VOCAB, (batch, seq), generator=gen)
-    mask = torch.rand(batch, seq, generator=gen) > 0.3
+    gen = torch.Generator(device=device).manual_seed(0)
+    targets = torch.randint(0, VOCAB, (batch, seq), generator=gen, device=device)
+    mask = torch.rand(batch, seq, generator=gen, device=device) > 0.3
     local = VOCAB // tp
-    logits = torch.randn(batch, seq, local, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    logits = torch.randn(batch, seq, local, generator=gen, dtype=torch.bfloat16, device=device).requires_grad_()
 
     def step() -> None:
         if case["method"] == "naive":
@@ -57,13 +63,21 @@ def _worker(case: dict) -> dict:
     for _ in range(case["repeats"]):
         if group is not None:
             dist.barrier(group)
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-        rss_before = status_kib("VmRSS")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+            before = status_kib("VmRSS") * 1024
         start = time.perf_counter()
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        peaks.append((status_kib("VmHWM") - rss_before) / 1024)
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kib("VmHWM") * 1024
+        peaks.append((peak - before) / 2**20)
     result = {"rank": rank, "seconds": min(times), "peak_extra_mib": max(peaks),
               "logits_mib": logits.numel() * logits.element_size() / 2**20}
     if group is not None:
@@ -97,6 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions per case (best time is reported)")
     parser.add_argument("--max-naive-tokens", type=int, default=4096,
                         help="skip the naive path above this many tokens (it needs ~6 fp32 copies of the logits)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the logits live")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,7 +129,7 @@ def main() -> None:
                  dict(method="vocab_parallel", tp=1, chunk=args.chunk),
                  dict(method="vocab_parallel", tp=2, chunk=args.chunk)]
         for case in cases:
-            case.update(batch=batch, seq=seq, repeats=args.repeats)
+            case.update(batch=batch, seq=seq, repeats=args.repeats, device=args.device)
             label = f"{case['method']} tp={case['tp']} chunk={case['chunk']}"
             if case["method"] == "naive" and batch * seq > args.max_naive_tokens:
                 print(f"{shape:>10} {label:<28} {'skipped (memory)':>10}")
@@ -125,7 +140,9 @@ def main() -> None:
                   f"{result['logits_mib_per_rank']:>16.0f}", flush=True)
     tmp = args.output + ".tmp"
     with open(tmp, "w") as out:
-        json.dump({"vocab": VOCAB, "dtype": "bfloat16", "memory_method": "VmHWM - VmRSS (peak RSS reset after inputs)",
+        json.dump({"vocab": VOCAB, "dtype": "bfloat16", "device": args.device, "memory_method":
+                   "max_memory_allocated - memory_allocated" if args.device == "cuda" else
+                   "VmHWM - VmRSS (peak RSS reset after inputs)",
                    "results": results}, out, indent=2)
     os.replace(tmp, args.output)
     print(f"wrote {args.output}")
