@@ -518,18 +518,24 @@ def row_status(cases: list[dict]) -> tuple[str, str]:
 
 
 class RowProcess:
-    """One row in its own process group, killed with its children past its timeout (finished cases are kept)."""
+    """One row's ``command`` in its own process group, killed with all its children once ``timeout`` + ``GRACE``
+    seconds have passed; the cases it wrote to ``partial`` before that are kept."""
 
-    def __init__(self, row: int, plan: Plan, timeout: float, log_path: Path):
-        self.row, self.timeout, self.log_path = row, timeout, log_path
-        self.partial = Path(plan.scratch, f"row{row}.json")
+    def __init__(self, row: int, command: list[str], partial: Path, timeout: float, log_path: Path):
+        self.row, self.partial, self.timeout, self.log_path = row, partial, timeout, log_path
         self.started = time.monotonic()
-        plan = dataclasses.replace(plan, deadline=time.time() + timeout)
         with log_path.open("w") as log:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(row),
-                                          "--plan", json.dumps(dataclasses.asdict(plan)), "--partial",
-                                          str(self.partial)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         start_new_session=True)
+
+    @classmethod
+    def start(cls, row: int, plan: Plan, timeout: float, log_path: Path) -> "RowProcess":
+        """This script's ``--worker`` for ``row``, told to be done within ``timeout`` seconds."""
+        partial = Path(plan.scratch, f"row{row}.json")
+        plan = dataclasses.replace(plan, deadline=time.time() + timeout)
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(row), "--plan",
+                   json.dumps(dataclasses.asdict(plan)), "--partial", str(partial)]
+        return cls(row, command, partial, timeout, log_path)
 
     def done(self) -> bool:
         return self.proc.poll() is not None or time.monotonic() - self.started > self.timeout + GRACE
@@ -577,7 +583,7 @@ def run_rows(selected: set[int], plan: Plan, budget: float, jobs: int, output: P
                         "reason": f"global budget of {budget:.0f} s exhausted ({max(timeout, 0):.0f} s left for "
                                   f"this row)"})
             else:
-                running.append(RowProcess(row, plan, timeout, output / f"row{row}.log"))
+                running.append(RowProcess.start(row, plan, timeout, output / f"row{row}.log"))
         for process in [r for r in running if r.done()]:
             running.remove(process)
             result = process.result()
