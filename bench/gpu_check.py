@@ -152,7 +152,8 @@ def row_environment(plan: Plan, report: Report) -> None:
                 "apex": _version("apex", "apex"), "transformers": _version("transformers", "transformers"),
                 "flash-attn": _version("flash_attn", "flash-attn")}
     if torch.cuda.is_available():
-        versions["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+        versions["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
         versions["cudnn"] = torch.backends.cudnn.version()
     report(Case("versions", PASS, ", ".join(f"{k} {v or '-'}" for k, v in versions.items()), versions))
 
@@ -313,6 +314,9 @@ def _round_trip(chunks: list, model_cfg: Any, work: Path, save_megatron_checkpoi
 def row_parity(plan: Plan, report: Report) -> None:
     import torch
 
+    from tests.distributed import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # one-rank group for Megatron's state
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

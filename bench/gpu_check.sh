@@ -32,7 +32,7 @@ while [[ $# -gt 0 ]]; do
     --wheels) need_value "$@"; WHEELS=$2; shift 2 ;;
     --download-wheels) need_value "$@"; DOWNLOAD=$2; shift 2 ;;
     --python-version) need_value "$@"; PYVER=$2; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exec "$PYTHON" "$ROOT/bench/gpu_check.py" --help ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exec "$PYTHON" "$ROOT/bench/gpu_check.py" --help ;;
     *) PASS_ARGS+=("$1"); shift ;;
   esac
 done
