@@ -115,12 +115,6 @@ def _error(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:200] + " … " + text[-190:]
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _no_cuda_reason(plan: Plan) -> str:
     return "dry run (CPU only)" if plan.dry_run else "no CUDA device visible to torch"
 
@@ -173,6 +167,9 @@ def row_environment(plan: Plan, report: Report) -> None:
         (" (Transformer Engine not importable)" if torch.cuda.is_available() else " (no CUDA)")
     report(Case("layer spec", PASS, f"build_model uses the {spec} spec{why}", {"spec": spec}))
 
+    if not plan.dry_run and not torch.cuda.is_available():
+        report(Case("matmul peak", NOT_RUN, f"{_no_cuda_reason(plan)}: the {plan.peak_dtype} peak is a GPU figure"))
+        return
     from megatron_dil.training.monitor import measure_peak_flops
 
     dtype = getattr(torch, plan.peak_dtype)
@@ -500,6 +497,11 @@ def worker(row: int, plan: Plan, partial: str) -> None:
         print(f"[row {row}] {case.name}: {case.status} — {case.summary}", flush=True)
 
     try:
+        import torch
+
+        if not plan.dry_run and row in (2, 3, 4) and not torch.cuda.is_available():
+            report(Case("all", NOT_RUN, "no CUDA device visible to torch (on CPU use --dry-run)"))
+            return
         ROWS[row](plan, report)
     except Exception as err:  # noqa: BLE001 - set-up failure of the whole row: reported, never raised
         import traceback

@@ -125,6 +125,16 @@ def test_exhausted_budget_still_writes_every_row(tmp_path):
         assert rows[row]["reason"] == "not selected (--rows)"
 
 
+def test_gpu_mode_without_cuda_fails_row_1_and_skips_the_gpu_rows(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--rows", "1,2", "--jobs", "2",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a FAIL row: no GPU where one was expected
+    rows = {r["row"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
+    assert rows[1]["status"] == gpu_check.FAIL and "no CUDA device" in rows[1]["reason"]
+    assert rows[2]["status"] == gpu_check.NOT_RUN and "no CUDA device visible" in rows[2]["reason"]
+
+
 def test_overrunning_row_is_killed_with_its_children_and_keeps_finished_cases(tmp_path, monkeypatch):
     """A row past its budget is killed with the processes it started; the cases it reported survive."""
     monkeypatch.setattr(gpu_check, "GRACE", 0.5)
