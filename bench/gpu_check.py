@@ -26,7 +26,8 @@ Rows (each PASS / FAIL / NOT RUN with the reason; one row's failure never stops 
    ``python -m megatron_dil.generation --help`` (decode throughput is not measured by this check).
 
 Every row runs in its own process group with a time budget (``ROW_CAPS``), inside a global budget (``--budget``):
-a row that overruns is killed with its children and keeps the cases it finished. ``OUT_DIR/gpu_check.json`` is
+a row that overruns is killed with its children and keeps the cases it finished. Rows run one at a time on the GPU
+(timings stay clean), two at a time in the dry run. ``OUT_DIR/gpu_check.json`` is
 rewritten after every row, so it exists whatever happens; ``OUT_DIR/rowN.log`` holds each row's output. Exit status:
 1 when a row FAILed, else 0.
 """
@@ -57,6 +58,7 @@ PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
 TITLES = {1: "environment", 2: "parity vs transformers", 3: "training fast path", 4: "log-prob kernel",
           5: "generation"}
 ORDER = (1, 2, 4, 5, 3)  # the long training row last: it takes whatever time the quick rows leave
+DRY_RUN_ORDER = (3, 1, 2, 4, 5)  # two at a time: the long row on one core, the others on the other
 ROW_CAPS = {1: 60, 2: 120, 3: 300, 4: 90, 5: 45}  # seconds per row, at most
 ROW_FLOOR = 20  # seconds kept back for each row still to run
 GRACE = 10  # seconds between a row's own deadline and its process being killed
@@ -82,7 +84,6 @@ class Plan:
     logprob_tokens: int = 8192
     logprob_chunk: int | None = None  # None: the Trainer's default (TrainConfig.logprob_chunk_size)
     logprob_repeats: int = 3
-    peak_flops: float | None = None  # row 1's measurement, handed to row 3
     deadline: float = 0.0  # time.time() by which the row must be done
 
     @classmethod
@@ -378,15 +379,22 @@ def _training_cases(plan: Plan) -> list[tuple[str, dict, str | None, float]]:
     ]
 
 
-def _training_summary(result: dict, plan: Plan) -> tuple[str, dict]:
-    metrics = dict(result)
+def _training_summary(result: dict) -> tuple[str, dict]:
     line = (f"{result['tokens_per_second']:.0f} tok/s, {result['step_seconds']:.3f} s/step, "
-            f"MFU {100 * result['mfu']:.1f}% (Trainer's peak {result['peak_flops'] / 1e12:.3g} TFLOP/s)")
-    if plan.peak_flops:
-        metrics["mfu_vs_row1_peak"] = result["mfu"] * result["peak_flops"] / plan.peak_flops
-        line += f", {100 * metrics['mfu_vs_row1_peak']:.1f}% of row 1's peak"
-    line += f", peak mem {result['memory_gib']:.2f} GiB, loss {result['loss']:.4g}"
-    return line, metrics
+            f"MFU {100 * result['mfu']:.1f}% (Trainer's peak {result['peak_flops'] / 1e12:.3g} TFLOP/s), "
+            f"peak mem {result['memory_gib']:.2f} GiB, loss {result['loss']:.4g}")
+    return line, dict(result)
+
+
+def relate_mfu_to_row1_peak(rows: list[dict]) -> None:
+    """Row 3's MFU against row 1's peak (the Trainer measures its own at 1024³, far below a GPU's peak):
+    MFU · Trainer's peak / row 1's peak, added to each training case."""
+    peak = next((case["metrics"].get("peak_flops") for row in rows if row["row"] == 1 for case in row["cases"]
+                 if case["name"] == "matmul peak"), None)
+    for case in (case for row in rows if row["row"] == 3 for case in row["cases"]):
+        if peak and "mfu" in case["metrics"]:
+            case["metrics"]["mfu_vs_row1_peak"] = case["metrics"]["mfu"] * case["metrics"]["peak_flops"] / peak
+            case["summary"] += f"; MFU {100 * case['metrics']['mfu_vs_row1_peak']:.1f}% of row 1's peak"
 
 
 def row_training(plan: Plan, report: Report) -> None:
@@ -416,7 +424,7 @@ def row_training(plan: Plan, report: Report) -> None:
         except Exception as err:  # noqa: BLE001 - reported as this case's FAIL; the next case runs
             report(Case(name, FAIL, _error(err)))
             continue
-        line, metrics = _training_summary(result, plan)
+        line, metrics = _training_summary(result)
         metrics.update(steps=plan.steps, sequence_length=plan.train_seq, world_size=world,
                        global_batch_pairs=plan.global_batch, model=plan.train_model)
         steps_seconds[name] = result["step_seconds"]
@@ -569,19 +577,19 @@ class RowProcess:
                 "log": self.log_path.name, "cases": cases}
 
 
-def run_rows(selected: set[int], plan: Plan, budget: float, jobs: int, output: Path,
+def run_rows(selected: set[int], order: tuple[int, ...], plan: Plan, budget: float, jobs: int, output: Path,
              record: Callable[[dict], None]) -> None:
-    """Run the selected rows in ``ORDER``, ``jobs`` at a time (row 3 after row 1: it uses row 1's peak), each within
-    its cap and what the global ``budget`` leaves after keeping ``ROW_FLOOR`` for every row still waiting."""
+    """Run the selected rows in ``order``, ``jobs`` at a time, each within its cap and what the global ``budget``
+    leaves after keeping ``ROW_FLOOR`` for every row still waiting."""
     deadline = time.monotonic() + budget
-    waiting = [row for row in ORDER if row in selected]
-    for row in ORDER:
+    waiting = [row for row in order if row in selected]
+    for row in order:
         if row not in selected:
             record({"row": row, "title": TITLES[row], "status": NOT_RUN, "reason": "not selected (--rows)",
                     "seconds": 0.0, "cases": []})
     running: list[RowProcess] = []
     while waiting or running:
-        while waiting and len(running) < jobs and not (waiting[0] == 3 and any(r.row == 1 for r in running)):
+        while waiting and len(running) < jobs:
             row = waiting.pop(0)
             timeout = min(ROW_CAPS[row], deadline - time.monotonic() - RESERVE - GRACE - ROW_FLOOR * len(waiting))
             if timeout < ROW_FLOOR / 2:
@@ -592,11 +600,7 @@ def run_rows(selected: set[int], plan: Plan, budget: float, jobs: int, output: P
                 running.append(RowProcess.start(row, plan, timeout, output / f"row{row}.log"))
         for process in [r for r in running if r.done()]:
             running.remove(process)
-            result = process.result()
-            if result["row"] == 1:
-                plan.peak_flops = next((c["metrics"].get("peak_flops") for c in result["cases"]
-                                        if c["name"] == "matmul peak"), None)
-            record(result)
+            record(process.result())
         time.sleep(0.2)
 
 
@@ -650,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "mode": "dry-run" if args.dry_run else "gpu", "started": datetime.datetime.now(datetime.timezone.utc)
         .isoformat(timespec="seconds"), "budget_s": args.budget, "host": platform.node(), "plan": {
-            k: v for k, v in dataclasses.asdict(plan).items() if k not in ("scratch", "deadline", "peak_flops")},
+            k: v for k, v in dataclasses.asdict(plan).items() if k not in ("scratch", "deadline")},
         "install_log": Path(args.install_log).read_text()[-4000:] if args.install_log and
         Path(args.install_log).exists() else None, "rows": []}
     json_path = output / "gpu_check.json"
@@ -663,10 +667,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['reason']}", flush=True)
 
     try:
-        run_rows(selected, plan, args.budget, args.jobs or (2 if args.dry_run else 1), output, record)
+        run_rows(selected, DRY_RUN_ORDER if args.dry_run else ORDER, plan, args.budget,
+                 args.jobs or (2 if args.dry_run else 1), output, record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["rows"].sort(key=lambda r: r["row"])
+    relate_mfu_to_row1_peak(report["rows"])
     report["table"] = format_table(report["rows"])
     report["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     atomic_write_text(json_path, json.dumps(report, indent=2))

@@ -86,7 +86,8 @@ def test_dry_run_training_row_runs_the_trainer(dry_run):
         assert metrics["tokens_per_second"] > 0 and metrics["memory_gib"] > 0 and 0 < metrics["mfu"] < 1
         # DIL-LSIF starts at −0.5 (policy = reference, f = 0) and moves little in 3 steps at lr 1e-5
         assert math.isfinite(metrics["loss"]) and abs(metrics["loss"] + 0.5) < 0.05
-        assert metrics["mfu_vs_row1_peak"] > 0
+        assert metrics["mfu_vs_row1_peak"] == pytest.approx(
+            metrics["mfu"] * metrics["peak_flops"] / cases[1, "matmul peak"]["metrics"]["peak_flops"])
     assert cases[3, "reference model"]["metrics"]["reference_cost_ratio"] > 0
     for name in ("recompute_activations", "sequence_parallel TP=2"):
         assert cases[3, name]["status"] == gpu_check.NOT_RUN and "refused on CPU" in cases[3, name]["summary"]
