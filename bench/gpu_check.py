@@ -363,14 +363,15 @@ def _training_cases(plan: Plan) -> list[tuple[str, dict, str | None, float]]:
     """(name, run-dict changes, reason it cannot run here or None, time cap in seconds)."""
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    no_gpu = None if gpus else f"GPU option, refused on CPU ({_no_cuda_reason(plan)})"
     from megatron_dil.models.builder import transformer_engine_available
 
-    sp_reason = no_gpu or (None if gpus >= 2 and transformer_engine_available() else
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    no_gpu = None if gpus else f"GPU option, refused on CPU ({_no_cuda_reason(plan)})"
+    te = transformer_engine_available()
+    sp_reason = no_gpu or (None if gpus >= 2 and te else
                            "not measured: sequence_parallel needs tensor parallelism (Megatron refuses it at TP=1) "
                            f"and Transformer Engine; TP=2 needs 2 GPUs ({gpus} visible, TE "
-                           f"{'present' if transformer_engine_available() else 'absent'})")
+                           f"{'present' if te else 'absent'})")
     return [
         ("reference precompute", {}, None, 150),
         ("reference model", {"reference": {"mode": "model"}}, None, 120),
@@ -505,11 +506,12 @@ def worker(row: int, plan: Plan, partial: str) -> None:
         print(f"[row {row}] {case.name}: {case.status} — {case.summary}", flush=True)
 
     try:
-        import torch
+        if not plan.dry_run and row in (2, 3, 4):
+            import torch
 
-        if not plan.dry_run and row in (2, 3, 4) and not torch.cuda.is_available():
-            report(Case("all", NOT_RUN, "no CUDA device visible to torch (on CPU use --dry-run)"))
-            return
+            if not torch.cuda.is_available():
+                report(Case("all", NOT_RUN, "no CUDA device visible to torch (on CPU use --dry-run)"))
+                return
         ROWS[row](plan, report)
     except Exception as err:  # noqa: BLE001 - set-up failure of the whole row: reported, never raised
         import traceback
