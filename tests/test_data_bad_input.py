@@ -12,6 +12,7 @@ import pytest
 import megatron_dil.data.preprocess as preprocess_module
 from megatron_dil.data import DataConfig, PreferenceDataset, PreprocessConfig, build_datasets, preprocess_pairs
 from megatron_dil.data.preprocess import main
+from megatron_dil.data.rows import DROP_REASONS
 from megatron_dil.data.tiny_task import tiny_example_dir
 
 TINY_TOKENIZER = os.path.join(tiny_example_dir(), "tokenizer")
@@ -24,6 +25,8 @@ BAD_ROWS = {  # reason -> two offending rows of that class
     "missing_field": [{"prompt": "a", "chosen": " b"}, {"chosen": " 1", "rejected": " 2"}],
     "empty_field": [dict(GOOD, chosen="   "), dict(CHAT, rejected=[{"role": "assistant", "content": ""}])],
     "non_string_content": [dict(GOOD, chosen=5), dict(CHAT, chosen=[{"role": "assistant", "content": ["1"]}])],
+    "bad_role": [dict(CHAT, chosen=[{"role": "user", "content": "1 2"}]),
+                 dict(CHAT, prompt=[{"role": "wizard", "content": "sort ascending : 2 1"}])],
     "identical_responses": [dict(GOOD, rejected=GOOD["chosen"]), dict(CHAT, rejected=CHAT["chosen"])],
     "prompt_too_long": [dict(GOOD, prompt=LONG_PROMPT), dict(CHAT, prompt=[{"role": "user", "content": LONG_PROMPT}])],
 }
@@ -48,7 +51,7 @@ def test_bad_rows_counted_with_row_numbers_and_strict_fails(tmp_path, capsys, re
     path = write_rows(tmp_path / "rows.jsonl", rows)
     result = preprocess_pairs(config(tmp_path, [path], max_rows_shown=1))
     assert result.counts["pairs_written"] == 4 and result.counts["rows_read"] == 6
-    assert result.counts["dropped"] == {r: (2 if r == reason else 0) for r in BAD_ROWS}
+    assert result.counts["dropped"] == {r: (2 if r == reason else 0) for r in DROP_REASONS}
     assert result.counts["dropped_rows"][reason] == [f"{path}:2"]  # capped by max_rows_shown
     assert PreferenceDataset(result.prefixes["train"]).metadata["counts"]["dropped"][reason] == 2
     assert len(PreferenceDataset(result.prefixes["train"])) == 4
@@ -138,7 +141,7 @@ def test_reader_refuses_truncated_files_other_tokenizer_and_too_long(tmp_path):
     assert len(train) == 8 and valid is None
     with open(prefix + ".bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(ValueError, match=r"out_train.bin has \d+ bytes but \d+ were written.*rerun megatron-dil-preprocess"):
         PreferenceDataset(prefix)
 
 
