@@ -21,7 +21,8 @@ class PreferenceTokenizer:
     """Tokenizer facade: plain encoding (no special tokens), special ids and the chat template.
 
     ``vocab_size`` is the real, unpadded vocabulary: one more than the largest id the tokenizer can produce (more than
-    its number of tokens when its ids have gaps; Megatron pads it for TP itself). ``pad_id`` falls back to ``eos_id`` when the tokenizer has no pad token (padding positions are masked out anyway).
+    its number of tokens when its ids have gaps; Megatron pads it for TP itself). ``pad_id`` falls back to ``eos_id`` when
+    the tokenizer has no pad token (padding positions are masked out anyway).
     ``adds_bos`` says whether the tokenizer prepends BOS when asked for special tokens (e.g. Llama), so plain-text
     rows get exactly that BOS while chat-templated text, whose template writes BOS itself, gets none more.
     """
