@@ -28,6 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from typing import Any, Iterator
@@ -230,22 +231,23 @@ def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
         worker_args = (config.tokenizer, config.template, truncation, columns)
         for path in config.inputs:
             rows = iter_raw_rows(path, config.input_format, config.input_split)
-            for number, result in _tokenized(rows, config, worker_args, path):
-                counts["rows_read"] += 1
-                if isinstance(result, RowError):
-                    if config.strict:
-                        raise PreprocessError(f"{path}: row {number}: {result} (--strict)")
-                    counts["dropped"][result.reason] += 1
-                    shown = counts["dropped_rows"][result.reason]
-                    if len(shown) < config.max_rows_shown:
-                        shown.append(f"{path}:{number}")
-                    continue
-                counts["truncated"] += result.truncated
-                counts["boundary_shifted"] += result.boundary_shifted
-                counts["pairs_written"] += 1
-                side = "valid" if "valid" in writers and _valid_side(
-                    result.prompt_text, config.split_seed, config.valid_fraction) else "train"
-                writers[side].add(result.prompt, result.chosen, result.rejected)
+            with closing(_tokenized(rows, config, worker_args, path)) as tokenized:  # shuts the pool down on errors
+                for number, result in tokenized:
+                    counts["rows_read"] += 1
+                    if isinstance(result, RowError):
+                        if config.strict:
+                            raise PreprocessError(f"{path}: row {number}: {result} (--strict)")
+                        counts["dropped"][result.reason] += 1
+                        shown = counts["dropped_rows"][result.reason]
+                        if len(shown) < config.max_rows_shown:
+                            shown.append(f"{path}:{number}")
+                        continue
+                    counts["truncated"] += result.truncated
+                    counts["boundary_shifted"] += result.boundary_shifted
+                    counts["pairs_written"] += 1
+                    side = "valid" if "valid" in writers and _valid_side(
+                        result.prompt_text, config.split_seed, config.valid_fraction) else "train"
+                    writers[side].add(result.prompt, result.chosen, result.rejected)
         if counts["pairs_written"] == 0:
             raise PreprocessError(f"no usable pair in {config.inputs}; dropped: {_nonzero(counts['dropped'])}")
         counts.update({f"{s}_pairs": w.num_pairs for s, w in writers.items()})
