@@ -181,3 +181,19 @@ def test_tokenizer_with_id_gaps_stores_ids_exactly(tmp_path):
     pair = PreferenceDataset(prefix, tokenizer)[0]
     expected = tokenizer._backend("sort ascending : 9 1 1 9")["input_ids"] + [tokenizer.eos_id]
     assert np.concatenate([pair.prompt, pair.chosen]).tolist() == expected and 70000 in expected
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 100])
+def test_pair_layout_check_is_blockwise_exact(block):
+    from megatron_dil.data.dataset import _pair_layout
+    lengths = np.array([2, 3, 1, 4, 1, 1], np.int32)  # 2 pairs of uint16 tokens: 12 tokens, 24 bytes
+    pointers = np.concatenate([[0], np.cumsum(lengths[:-1]) * 2]).astype(np.int64)
+    documents = np.array([0, 3, 6])
+    assert _pair_layout(lengths, pointers, documents, 2, 24, block)
+    shifted = pointers.copy()
+    shifted[4] += 2
+    edited = lengths.copy()
+    edited[3] = 3
+    for args in ((edited, pointers, documents, 2, 24), (lengths, shifted, documents, 2, 24),
+                 (lengths, pointers, np.array([0, 2, 6]), 2, 24), (lengths, pointers, documents, 2, 26)):
+        assert not _pair_layout(*args, block)

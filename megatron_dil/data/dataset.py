@@ -131,17 +131,33 @@ def _open_indexed(prefix: str, num_pairs: int) -> IndexedDataset:
         raise DatasetError(f"dataset {prefix!r}: {prefix}.idx cannot be read ({type(e).__name__}: {e}); "
                            f"{REMEDY}") from None
     index = indexed.index
-    lengths = index.sequence_lengths.astype(np.int64)
-    pointers = index.sequence_pointers.astype(np.int64)
-    ends = pointers + lengths * index.dtype_size
-    consistent = (len(lengths) == 3 * num_pairs
-                  and np.array_equal(index.document_indices, np.arange(0, 3 * num_pairs + 1, 3))
-                  and (lengths >= 0).all() and pointers[0] == 0 and np.array_equal(pointers[1:], ends[:-1])
-                  and ends[-1] == os.path.getsize(prefix + ".bin"))
+    consistent = len(index.sequence_lengths) == 3 * num_pairs and len(index.document_indices) == num_pairs + 1 \
+        and _pair_layout(index.sequence_lengths, index.sequence_pointers, index.document_indices, index.dtype_size,
+                         os.path.getsize(prefix + ".bin"))
     if not consistent:
         raise DatasetError(f"dataset {prefix!r}: {prefix}.idx does not describe {num_pairs} pairs laid out "
                            f"contiguously in {prefix}.bin (lengths or pointers damaged); {REMEDY}")
     return indexed
+
+
+def _pair_layout(lengths: np.ndarray, pointers: np.ndarray, documents: np.ndarray, itemsize: int, bin_size: int,
+                 block: int = 1 << 20) -> bool:
+    """``documents == 0, 3, 6, ...``, ``pointers[0] == 0``, ``pointers[i+1] == pointers[i] + lengths[i]·itemsize`` and
+    the last sequence ends at ``bin_size``; checked ``block`` sequences at a time (bounded memory on huge indexes)."""
+    if pointers[0] != 0 or (lengths < 0).any():
+        return False
+    for start in range(0, len(documents), block):
+        stop = min(start + block, len(documents))
+        if not np.array_equal(documents[start:stop], np.arange(3 * start, 3 * stop, 3)):
+            return False
+    for start in range(0, len(lengths), block):
+        stop = min(start + block, len(lengths))
+        following = pointers[start + 1:stop + 1]
+        if stop == len(lengths):
+            following = np.append(following, bin_size)
+        if not np.array_equal(pointers[start:stop] + lengths[start:stop].astype(np.int64) * itemsize, following):
+            return False
+    return True
 
 
 def check_tokenizer(metadata: dict[str, Any], tokenizer: PreferenceTokenizer, prefix: str) -> None:
