@@ -110,8 +110,9 @@ def iter_raw_rows(path: str, input_format: str = "auto", split: str = "train") -
                     number += 1
                     yield number, row
         except (pyarrow.ArrowException, OSError) as e:
-            raise PreprocessError(f"{path}: not a readable Parquet file after row {number} ({e}); if it holds JSON "
-                                  f"lines set --input-format jsonl, else rewrite it") from None
+            where = f" (failed after row {number})" if number else ""
+            raise PreprocessError(f"{path}: not a readable Parquet file{where}: {e}; if it holds JSON lines set "
+                                  f"--input-format jsonl, else rewrite it") from None
     else:
         import datasets
 
