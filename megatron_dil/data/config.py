@@ -20,7 +20,7 @@ class DataConfig:
     chosen and rejected stacked), ``mask`` (several sequences per row, block-diagonal causal mask: CPU path) or
     ``thd`` (one packed row with ``PackedSeqParams``: Transformer Engine path on GPU).
     ``verify_checksums``: ``full`` (default) checks every dataset's ``.idx`` and ``.bin`` against the BLAKE2b digests
-    recorded by the preprocessor when the run opens it (one streamed read of the ``.bin``, ~1 GB/s per rank); ``idx``
+    recorded by the preprocessor when the run opens it (one streamed read of the ``.bin`` per rank); ``idx``
     checks the ``.idx`` digest and only the size of the ``.bin``, for datasets too large to read at every start (a
     damaged ``.bin`` byte then goes unnoticed).
     """

@@ -47,7 +47,7 @@ class PreferenceDataset(Dataset):
 
     ``tokenizer`` (optional): refuse the dataset unless it was written with a tokenizer of the same fingerprint and
     all its token ids are below ``tokenizer.vocab_size``. ``verify``: ``"full"`` checks the ``.bin`` digest (one
-    streamed read, ~1 GB/s), ``"idx"`` only its size (the ``.idx`` digest is checked in both modes).
+    streamed read), ``"idx"`` only its size (the ``.idx`` digest is checked in both modes).
     """
 
     def __init__(self, prefix: str, tokenizer: PreferenceTokenizer | None = None, verify: str = "full"):
