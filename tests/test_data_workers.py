@@ -95,7 +95,11 @@ def test_malformed_row_with_two_workers_is_counted_like_one_worker(tmp_path, cap
         assert f"malformed_json: 1 (first: {path}:3)" in out and "pairs written 7" in out
         written[workers] = [open(tmp_path / f"w{workers}_train{ext}", "rb").read() for ext in (".bin", ".idx")]
     assert written[1] == written[2]
-    assert not glob.glob(str(tmp_path / "*.tmp-*"))
+    with deadline(120):  # --strict stops at the bad row while chunks are in flight: the pool is shut down
+        assert main(["--input", path, "--output-prefix", str(tmp_path / "strict"), "--tokenizer", TINY_TOKENIZER,
+                     "--workers", "2", "--chunk-size", "1", "--strict", "--no-progress"]) == 1
+    assert f"{path}: row 3: malformed_json" in capsys.readouterr().err
+    assert not glob.glob(str(tmp_path / "*.tmp-*")) and not glob.glob(str(tmp_path / "strict_*"))
 
 
 @pytest.mark.parametrize("case", ["row", "chunk", "killed"])
