@@ -12,6 +12,7 @@ import pytest
 import megatron_dil.data.preprocess as preprocess_module
 from megatron_dil.data import DataConfig, PreferenceDataset, PreprocessConfig, build_datasets, preprocess_pairs
 from megatron_dil.data.preprocess import main
+from megatron_dil.data.rows import DROP_REASONS
 from megatron_dil.data.tiny_task import tiny_example_dir
 
 TINY_TOKENIZER = os.path.join(tiny_example_dir(), "tokenizer")
@@ -24,6 +25,8 @@ BAD_ROWS = {  # reason -> two offending rows of that class
     "missing_field": [{"prompt": "a", "chosen": " b"}, {"chosen": " 1", "rejected": " 2"}],
     "empty_field": [dict(GOOD, chosen="   "), dict(CHAT, rejected=[{"role": "assistant", "content": ""}])],
     "non_string_content": [dict(GOOD, chosen=5), dict(CHAT, chosen=[{"role": "assistant", "content": ["1"]}])],
+    "bad_role": [dict(CHAT, chosen=[{"role": "user", "content": "1 2"}]),
+                 dict(CHAT, prompt=[{"role": "wizard", "content": "sort ascending : 2 1"}])],
     "identical_responses": [dict(GOOD, rejected=GOOD["chosen"]), dict(CHAT, rejected=CHAT["chosen"])],
     "prompt_too_long": [dict(GOOD, prompt=LONG_PROMPT), dict(CHAT, prompt=[{"role": "user", "content": LONG_PROMPT}])],
 }
@@ -48,7 +51,7 @@ def test_bad_rows_counted_with_row_numbers_and_strict_fails(tmp_path, capsys, re
     path = write_rows(tmp_path / "rows.jsonl", rows)
     result = preprocess_pairs(config(tmp_path, [path], max_rows_shown=1))
     assert result.counts["pairs_written"] == 4 and result.counts["rows_read"] == 6
-    assert result.counts["dropped"] == {r: (2 if r == reason else 0) for r in BAD_ROWS}
+    assert result.counts["dropped"] == {r: (2 if r == reason else 0) for r in DROP_REASONS}
     assert result.counts["dropped_rows"][reason] == [f"{path}:2"]  # capped by max_rows_shown
     assert PreferenceDataset(result.prefixes["train"]).metadata["counts"]["dropped"][reason] == 2
     assert len(PreferenceDataset(result.prefixes["train"])) == 4
@@ -138,7 +141,7 @@ def test_reader_refuses_truncated_files_other_tokenizer_and_too_long(tmp_path):
     assert len(train) == 8 and valid is None
     with open(prefix + ".bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(ValueError, match="inconsistent"):
+    with pytest.raises(ValueError, match=r"out_train.bin has \d+ bytes but \d+ were written.*rerun megatron-dil-pre"):
         PreferenceDataset(prefix)
 
 
@@ -157,3 +160,82 @@ def test_every_cli_flag_is_explained_and_bad_flags_are_named(tmp_path, capsys):
                  "--template", "nope"]) == 1
     assert "unknown --template 'nope'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["rows.jsonl"]
+
+
+def cli(tmp_path, inputs, *extra, tokenizer=TINY_TOKENIZER, prefix=None):
+    return main(["--input", *inputs, "--output-prefix", prefix or str(tmp_path / "o"), "--tokenizer", tokenizer,
+                 "--no-progress", *extra])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megatron-dil-preprocess: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_encoding_problems_name_file_row_and_fix(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(GOOD).encode() + b"\n" +
+                       '{"prompt": "tré : 2 1", "chosen": " 1 2", "rejected": " 2 1"}\n'.encode("latin-1"))
+    assert cli(tmp_path, [str(latin1)]) == 1
+    err = one_line_error(capsys)
+    assert f"{latin1}: row 2: byte 0xe9 at column 15 is not UTF-8" in err and "iconv" in err
+    as_json = tmp_path / "latin1.json"
+    as_json.write_bytes(b"[\n" + json.dumps(GOOD).encode() + b",\n" + latin1.read_bytes().splitlines()[1] + b"\n]")
+    assert cli(tmp_path, [str(as_json)]) == 1
+    assert f"{as_json}: row 3: byte 0xe9" in one_line_error(capsys)
+
+    bom = tmp_path / "bom.jsonl"  # a UTF-8 byte-order mark is not part of the first row
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n" + json.dumps(CHAT) + "\n").encode())
+    bom_json = tmp_path / "bom.json"
+    bom_json.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD, CHAT]).encode())
+    for path in (bom, bom_json):
+        assert cli(tmp_path, [str(path)]) == 0
+        assert "rows read 2, pairs written 2" in capsys.readouterr().out
+
+
+def test_unreadable_inputs_tokenizers_and_outputs_are_one_line(tmp_path, capsys):
+    good = write_rows(tmp_path / "rows.jsonl", [GOOD, CHAT])
+    fake = tmp_path / "rows.parquet"
+    fake.write_text(json.dumps(GOOD) + "\n")
+    assert cli(tmp_path, [str(fake)]) == 1
+    err = one_line_error(capsys)
+    assert f"{fake}: not a readable Parquet file" in err and "--input-format jsonl" in err
+    not_a_dataset = tmp_path / "dir"
+    not_a_dataset.mkdir()
+    assert cli(tmp_path, [str(not_a_dataset)]) == 1
+    assert f"{not_a_dataset}: not a directory written by datasets.save_to_disk" in one_line_error(capsys)
+
+    truncated = tmp_path / "truncated_tok"
+    shutil.copytree(TINY_TOKENIZER, truncated)
+    spec = (truncated / "tokenizer.json").read_text()
+    (truncated / "tokenizer.json").write_text(spec[:len(spec) // 2])
+    empty = tmp_path / "empty_tok"
+    empty.mkdir()
+    for tokenizer in (truncated, empty):
+        assert cli(tmp_path, [good], tokenizer=str(tokenizer)) == 1
+        err = one_line_error(capsys)
+        assert f"tokenizer '{tokenizer}' cannot be loaded" in err and "Hugging Face tokenizer directory" in err
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli(tmp_path, [good], prefix=str(blocker / "sub" / "out")) == 1
+    assert f"--output-prefix {blocker}/sub/out: cannot create the directory" in one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "dir", "empty_tok", "rows.jsonl", "rows.parquet",
+                                           "truncated_tok"]
+
+
+def test_template_that_rejects_a_conversation_drops_the_row(tmp_path):
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER, tokenizer)
+    template = (tokenizer / "chat_template.jinja").read_text()
+    (tokenizer / "chat_template.jinja").write_text(  # Llama-2 style convention: user and assistant alternate
+        "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{% endfor %}" + template)
+    two_users = dict(CHAT, prompt=CHAT["prompt"] * 2)
+    path = write_rows(tmp_path / "rows.jsonl", [CHAT, two_users, CHAT])
+    result = preprocess_pairs(PreprocessConfig(inputs=[path], output_prefix=str(tmp_path / "out"),
+                                               tokenizer=str(tokenizer), progress=False))
+    assert result.counts["dropped"]["template_error"] == 1 and result.counts["dropped_rows"]["template_error"] == [
+        f"{path}:2"] and result.counts["pairs_written"] == 2

@@ -88,3 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {args.output}: {len(weight_map)} tensors in {len(set(weight_map.values()))} safetensors files")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PACKING_MODES = ("none", "mask", "thd")
+VERIFY_MODES = ("full", "idx")
 
 
 @dataclass
@@ -18,6 +19,10 @@ class DataConfig:
     parallelism needs a multiple of TP, context parallelism of 2·CP). ``packing``: ``none`` (right-padded rows,
     chosen and rejected stacked), ``mask`` (several sequences per row, block-diagonal causal mask: CPU path) or
     ``thd`` (one packed row with ``PackedSeqParams``: Transformer Engine path on GPU).
+    ``verify_checksums``: ``full`` (default) checks every dataset's ``.idx`` and ``.bin`` against the BLAKE2b digests
+    recorded by the preprocessor when the run opens it (one streamed read of the ``.bin`` per rank); ``idx``
+    checks the ``.idx`` digest and only the size of the ``.bin``, for datasets too large to read at every start (a
+    damaged ``.bin`` byte then goes unnoticed).
     """
 
     train: list[str] = field(default_factory=list)
@@ -30,10 +35,13 @@ class DataConfig:
     shuffle: bool = True
     num_workers: int = 0
     blend_size: int | None = None  # samples in the blended train set; None: the sum of the datasets' sizes
+    verify_checksums: str = "full"
 
     def __post_init__(self) -> None:
         if self.packing not in PACKING_MODES:
             raise ValueError(f"data.packing must be one of {PACKING_MODES}, not {self.packing!r}")
+        if self.verify_checksums not in VERIFY_MODES:
+            raise ValueError(f"data.verify_checksums must be one of {VERIFY_MODES}, not {self.verify_checksums!r}")
         if self.pad_to_multiple_of < 1 or self.max_length < 2:
             raise ValueError("data.pad_to_multiple_of must be >= 1 and data.max_length >= 2")
 

@@ -1,7 +1,11 @@
 """Reading preprocessed preference datasets: one prefix, or a weighted blend of several.
 
-A prefix is complete iff its metadata JSON exists (written last by the preprocessor) and the ``.bin/.idx`` byte sizes
-match the ones recorded there; anything else is refused with the reason.
+A prefix (format: :mod:`megatron_dil.data.writer`) is opened only once it is shown to be what the preprocessor wrote:
+its metadata JSON exists (written last) and is well-formed; the ``.idx`` matches its recorded size and BLAKE2b digest
+(always: it is small); the ``.bin`` matches its recorded size and, with ``verify="full"`` (the default), its digest;
+the index is internally consistent (three sequences per pair, contiguous pointers ending at the end of ``.bin``); and,
+given the run's tokenizer, the dataset was written with that vocabulary and every stored token id is below its size.
+Anything else is refused with one line naming the file and saying to rerun megatron-dil-preprocess.
 """
 from __future__ import annotations
 
@@ -15,8 +19,16 @@ from megatron.core.datasets import helpers_cpp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
-from megatron_dil.data.preprocess import FORMAT_VERSION
+from megatron_dil.data.config import VERIFY_MODES
 from megatron_dil.data.tokenizer import PreferenceTokenizer
+from megatron_dil.data.writer import FORMAT_VERSION
+from megatron_dil.io.files import verify_file
+
+REMEDY = "rerun megatron-dil-preprocess"
+
+
+class DatasetError(ValueError):
+    """A dataset prefix that is missing, damaged, inconsistent or incompatible with the run (names the file)."""
 
 
 @dataclass
@@ -33,32 +45,23 @@ class PreferencePair:
 class PreferenceDataset(Dataset):
     """Pairs of the prefix ``PREFIX`` (``PREFIX.bin/.idx/.json``); ``dataset[i]`` is a :class:`PreferencePair`.
 
-    ``tokenizer`` (optional): refuse the dataset unless it was written with a tokenizer of the same fingerprint.
+    ``tokenizer`` (optional): refuse the dataset unless it was written with a tokenizer of the same fingerprint and
+    all its token ids are below ``tokenizer.vocab_size``. ``verify``: ``"full"`` checks the ``.bin`` digest (one
+    streamed read), ``"idx"`` only its size (the ``.idx`` digest is checked in both modes).
     """
 
-    def __init__(self, prefix: str, tokenizer: PreferenceTokenizer | None = None):
+    def __init__(self, prefix: str, tokenizer: PreferenceTokenizer | None = None, verify: str = "full"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
         self.prefix = prefix
-        meta_path = prefix + ".json"
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"dataset {prefix!r} is missing or incomplete: no {meta_path} (the preprocessor "
-                                    f"writes it last; rerun megatron-dil-preprocess)")
-        with open(meta_path) as f:
-            self.metadata: dict[str, Any] = json.load(f)
-        if self.metadata.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format {self.metadata.get('format')!r}, expected {FORMAT_VERSION!r}")
-        for ext, key in ((".bin", "bin_bytes"), (".idx", "idx_bytes")):
-            path, expected = prefix + ext, self.metadata["files"][key]
-            actual = os.path.getsize(path) if os.path.exists(path) else None
-            if actual != expected:
-                raise ValueError(f"dataset {prefix!r} is inconsistent: {path} has {actual} bytes, metadata says "
-                                 f"{expected}; rerun megatron-dil-preprocess")
+        self.metadata = read_metadata(prefix)
+        what, files = f"dataset {prefix!r}", self.metadata["files"]
+        verify_file(prefix + ".idx", files["idx"], what, REMEDY)
+        verify_file(prefix + ".bin", files["bin"], what, REMEDY, check_digest=verify == "full")
         if tokenizer is not None:
             check_tokenizer(self.metadata, tokenizer, prefix)
         # an empty split (e.g. a small --valid-fraction that no prompt hashed into) has an empty .bin: no mmap
-        self._indexed = IndexedDataset(prefix) if self.metadata["num_pairs"] else None
-        if self._indexed is not None and len(self._indexed) != 3 * self.metadata["num_pairs"]:
-            raise ValueError(f"dataset {prefix!r}: {len(self._indexed)} sequences, expected 3 x "
-                             f"{self.metadata['num_pairs']} pairs")
+        self._indexed = _open_indexed(prefix, self.metadata["num_pairs"]) if self.metadata["num_pairs"] else None
 
     def __len__(self) -> int:
         return self.metadata["num_pairs"]
@@ -78,14 +81,101 @@ class PreferenceDataset(Dataset):
         return int((lengths[:, 0] + lengths[:, 1:].max(axis=1)).max())
 
 
+def _is_record(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("size"), int) and isinstance(value.get("blake2b"), str)
+
+
+_REQUIRED = {  # metadata field -> validity test (what the reader relies on)
+    "num_pairs": lambda v: isinstance(v, int) and v >= 0,
+    "files.bin": _is_record,
+    "files.idx": _is_record,
+    "tokenizer.fingerprint": lambda v: isinstance(v, str),
+    "tokenizer.path": lambda v: isinstance(v, str),
+    "tokenizer.vocab_size": lambda v: isinstance(v, int),
+    "token_ids": lambda v: v is None or isinstance(v, dict) and all(isinstance(v.get(k), int) for k in ("min", "max")),
+}
+
+
+def read_metadata(prefix: str) -> dict[str, Any]:
+    """``PREFIX.json`` parsed and checked for the fields the reader relies on."""
+    path = prefix + ".json"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset {prefix!r} is missing or incomplete: no {path} (the preprocessor writes it "
+                                f"last); {REMEDY}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"dataset metadata {path} is not valid JSON ({e}); {REMEDY}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_VERSION:
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise DatasetError(f"dataset metadata {path}: format {found!r}, this code reads {FORMAT_VERSION!r} (with "
+                           f"checksums and token-id range); {REMEDY}")
+    for key, valid in _REQUIRED.items():
+        value: Any = metadata
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not valid(value):
+            raise DatasetError(f"dataset metadata {path}: field {key!r} is missing or malformed; {REMEDY}")
+    if metadata["num_pairs"] and metadata["token_ids"] is None:
+        raise DatasetError(f"dataset metadata {path}: field 'token_ids' is missing or malformed; {REMEDY}")
+    return metadata
+
+
+def _open_indexed(prefix: str, num_pairs: int) -> IndexedDataset:
+    """The Megatron index of ``prefix``, checked for the pair layout: 3 sequences per document, each sequence's
+    bytes right after the previous one's, the last ending at the end of ``.bin``."""
+    try:
+        indexed = IndexedDataset(prefix)
+    except Exception as e:  # megatron-core asserts on a bad header/version and numpy raises on a short buffer
+        raise DatasetError(f"dataset {prefix!r}: {prefix}.idx cannot be read ({type(e).__name__}: {e}); "
+                           f"{REMEDY}") from None
+    index = indexed.index
+    consistent = len(index.sequence_lengths) == 3 * num_pairs and len(index.document_indices) == num_pairs + 1 \
+        and _pair_layout(index.sequence_lengths, index.sequence_pointers, index.document_indices, index.dtype_size,
+                         os.path.getsize(prefix + ".bin"))
+    if not consistent:
+        raise DatasetError(f"dataset {prefix!r}: {prefix}.idx does not describe {num_pairs} pairs laid out "
+                           f"contiguously in {prefix}.bin (lengths or pointers damaged); {REMEDY}")
+    return indexed
+
+
+def _pair_layout(lengths: np.ndarray, pointers: np.ndarray, documents: np.ndarray, itemsize: int, bin_size: int,
+                 block: int = 1 << 20) -> bool:
+    """``documents == 0, 3, 6, ...``, ``pointers[0] == 0``, ``pointers[i+1] == pointers[i] + lengths[i]·itemsize`` and
+    the last sequence ends at ``bin_size``; checked ``block`` sequences at a time (bounded memory on huge indexes)."""
+    if pointers[0] != 0 or (lengths < 0).any():
+        return False
+    for start in range(0, len(documents), block):
+        stop = min(start + block, len(documents))
+        if not np.array_equal(documents[start:stop], np.arange(3 * start, 3 * stop, 3)):
+            return False
+    for start in range(0, len(lengths), block):
+        stop = min(start + block, len(lengths))
+        following = pointers[start + 1:stop + 1]
+        if stop == len(lengths):
+            following = np.append(following, bin_size)
+        if not np.array_equal(pointers[start:stop] + lengths[start:stop].astype(np.int64) * itemsize, following):
+            return False
+    return True
+
+
 def check_tokenizer(metadata: dict[str, Any], tokenizer: PreferenceTokenizer, prefix: str) -> None:
-    """Refuse a dataset written with another vocabulary (fingerprints differ)."""
+    """Refuse a dataset written with another vocabulary (fingerprints differ) or holding a token id the tokenizer
+    does not have (``id >= tokenizer.vocab_size``; the trainer checks ``tokenizer.vocab_size <= model vocab``, so the
+    embedding never reads an untrained padding row or past its end)."""
     written = metadata["tokenizer"]
     if written["fingerprint"] != tokenizer.fingerprint:
-        raise ValueError(f"dataset {prefix!r} was tokenized with {written['path']!r} (vocab {written['vocab_size']}, "
-                         f"fingerprint {written['fingerprint'][:12]}) but the run uses {tokenizer.path!r} (vocab "
-                         f"{tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint[:12]}); preprocess again with "
-                         f"the run's tokenizer or point data.tokenizer at the original one")
+        raise DatasetError(f"dataset {prefix!r} was tokenized with {written['path']!r} (vocab "
+                           f"{written['vocab_size']}, fingerprint {written['fingerprint'][:12]}) but the run uses "
+                           f"{tokenizer.path!r} (vocab {tokenizer.vocab_size}, fingerprint "
+                           f"{tokenizer.fingerprint[:12]}); preprocess again with the run's tokenizer or point "
+                           f"data.tokenizer at the original one")
+    ids = metadata["token_ids"]
+    if ids is not None and not 0 <= ids["min"] <= ids["max"] < tokenizer.vocab_size:
+        bad = ids["max"] if ids["max"] >= tokenizer.vocab_size else ids["min"]
+        raise DatasetError(f"dataset {prefix!r} holds token id {bad} outside the vocabulary of tokenizer "
+                           f"{tokenizer.path!r} (ids 0..{tokenizer.vocab_size - 1}); {REMEDY} with that tokenizer")
 
 
 class BlendedPreferenceDataset(Dataset):

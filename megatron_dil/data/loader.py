@@ -14,8 +14,9 @@ def build_datasets(config: DataConfig, tokenizer: PreferenceTokenizer | None = N
                    ) -> tuple[PreferenceDataset | BlendedPreferenceDataset, PreferenceDataset | None]:
     """Open ``config.train`` (blended when several prefixes or weights are given) and ``config.valid``.
 
-    Refuses datasets written with another tokenizer than ``config.tokenizer`` or holding sequences longer than
-    ``config.max_length``. Unweighted blend entries weigh their pair count.
+    Each dataset is verified against the checksums in its metadata (``config.verify_checksums``) and refused if it
+    was written with another tokenizer than ``config.tokenizer``, holds a token id outside that tokenizer's
+    vocabulary or sequences longer than ``config.max_length``. Unweighted blend entries weigh their pair count.
     """
     if not config.train:
         raise ValueError("data.train names no dataset prefix")
@@ -34,7 +35,7 @@ def build_datasets(config: DataConfig, tokenizer: PreferenceTokenizer | None = N
 
 
 def _open(prefix: str, tokenizer: PreferenceTokenizer, config: DataConfig) -> PreferenceDataset:
-    dataset = PreferenceDataset(prefix, tokenizer)
+    dataset = PreferenceDataset(prefix, tokenizer, verify=config.verify_checksums)
     if dataset.max_sequence_length > config.max_length:
         raise ValueError(f"dataset {prefix!r} holds sequences of {dataset.max_sequence_length} tokens > "
                          f"data.max_length {config.max_length}; preprocess with --max-length {config.max_length}")

@@ -1,11 +1,16 @@
 """Preprocess preference pairs into Megatron indexed datasets (``megatron-dil-preprocess``).
 
 Output for ``--output-prefix P``: ``P_train.{bin,idx,json}`` and, with ``--valid-fraction > 0``,
-``P_valid.{bin,idx,json}``. In the ``.bin/.idx`` (megatron.core.datasets.indexed_dataset) each pair is one document of
-three sequences ``[prompt, chosen response, rejected response]``; the prompt length is the loss-mask boundary. The JSON
-is the metadata (source, tokenizer identity, template, truncation, counts, dropped-row reasons, length histograms)
-and is written last: a prefix without it is incomplete and the reader refuses it. Everything is written under
-temporary names and renamed at the end, so an interrupted run leaves any previous dataset untouched.
+``P_valid.{bin,idx,json}`` in the format of :mod:`megatron_dil.data.writer` (one document of three sequences
+``[prompt, chosen response, rejected response]`` per pair; the JSON metadata, written last, holds the source,
+tokenizer identity, template, truncation, counts, dropped-row reasons, length histograms, token-id range and the
+checksums of ``.bin/.idx``). Everything is written under staging names and renamed at the end, so an interrupted run
+leaves any previous dataset untouched; staging files are removed on every exit path, and those of a killed run by the
+next run.
+
+Tokenizing runs inline (``--workers 1``) or in a process pool that never hangs: a bad row comes back as a
+:class:`RowError` value, any other exception in a worker is re-raised in the parent naming the file and row, and a
+worker that dies (a signal, the OOM killer) fails the run with a one-line error.
 
 Split: a pair goes to valid iff ``u < valid_fraction`` with ``u = blake2b(seed, rendered prompt) / 2^64``: deterministic,
 independent of worker count and order, and pairs sharing a prompt stay on the same side (no prompt leakage).
@@ -13,31 +18,45 @@ independent of worker count and order, and pairs sharing a prompt stay on the sa
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
+from dataclasses import asdict, dataclass
 from multiprocessing import get_all_start_methods, get_context
 from typing import Any, Iterator
 
-import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType
 
 from megatron_dil.data.config import PreprocessConfig
 from megatron_dil.data.rows import DROP_REASONS, Columns, RowError, parse_row
 from megatron_dil.data.templates import resolve_template
 from megatron_dil.data.tokenize import TokenizedPair, TruncationConfig, tokenize_pair
 from megatron_dil.data.tokenizer import load_tokenizer
-
-FORMAT_VERSION = "megatron_dil.preference/v1"
-SPLITS = ("train", "valid")
-HISTOGRAM_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+from megatron_dil.data.writer import SPLITS, SplitWriter, publish_splits, remove_dead_staging
 
 
 class PreprocessError(RuntimeError):
-    """A hard failure (``--strict`` bad row, unreadable input): names the file and row."""
+    """A hard failure (``--strict`` bad row, unreadable input, a failed worker): names the file and row."""
+
+
+class WorkerError(PreprocessError):
+    """An unexpected exception while tokenizing row ``row`` (of a file the parent knows), carried as text so that it
+    crosses the process boundary whatever the original exception was."""
+
+    def __init__(self, row: int, detail: str):
+        super().__init__(f"row {row}: {detail}")
+        self.row, self.detail = row, detail
+
+    def __reduce__(self):
+        return WorkerError, (self.row, self.detail)
 
 
 @dataclass
@@ -56,16 +75,20 @@ class PreprocessResult:
 
 def iter_raw_rows(path: str, input_format: str = "auto", split: str = "train") -> Iterator[tuple[int, Any]]:
     """Yield ``(row_number, raw)`` with 1-based row numbers (JSONL: line numbers). ``raw`` is a JSONL line (str; parsed
-    in the workers so a malformed line is a per-row error) or an already-parsed row."""
+    in the workers so a malformed line is a per-row error) or an already-parsed row. Text must be UTF-8 (a leading
+    byte-order mark is skipped); a file that cannot be read in its format is a one-line :class:`PreprocessError`."""
     fmt = input_format if input_format != "auto" else _guess_format(path)
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    yield number, line
+                text = _decode(path, number, line[len(codecs.BOM_UTF8):] if number == 1 and
+                               line.startswith(codecs.BOM_UTF8) else line)
+                if text.strip():
+                    yield number, text
     elif fmt == "json":
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
+        text = _decode(path, 1, data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data)
         try:
             rows = json.loads(text)
         except json.JSONDecodeError:  # many .json files are JSON Lines
@@ -77,22 +100,43 @@ def iter_raw_rows(path: str, input_format: str = "auto", split: str = "train") -
             raise PreprocessError(f"{path}: a .json input must hold a list of rows, found {type(rows).__name__}")
         yield from enumerate(rows, 1)
     elif fmt == "parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
         number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+        except (pyarrow.ArrowException, OSError) as e:
+            where = f" (failed after row {number})" if number else ""
+            raise PreprocessError(f"{path}: not a readable Parquet file{where}: {e}; if it holds JSON lines set "
+                                  f"--input-format jsonl, else rewrite it") from None
     else:
         import datasets
 
-        data = datasets.load_from_disk(path)
+        try:
+            data = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise PreprocessError(f"{path}: not a directory written by datasets.save_to_disk ({e}); pass a "
+                                  f".jsonl/.json/.parquet file or set --input-format") from None
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise PreprocessError(f"{path}: no split {split!r} (has {sorted(data)}); set --input-split")
             data = data[split]
         yield from enumerate(data, 1)
+
+
+def _decode(path: str, first_row: int, data: bytes) -> str:
+    """``data`` as UTF-8, or a :class:`PreprocessError` naming the row and byte that are not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        row = first_row + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PreprocessError(f"{path}: row {row}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8; "
+                              f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _guess_format(path: str) -> str:
@@ -115,7 +159,13 @@ def _init_worker(tokenizer_path: str, template_name: str, truncation: Truncation
                    truncation=truncation, columns=columns)
 
 
+def _init_pool_worker(*worker_args: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it shuts the pool down
+    _init_worker(*worker_args)
+
+
 def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, TokenizedPair | RowError]]:
+    """Tokenize a chunk: a bad row becomes its :class:`RowError`; anything else raises :class:`WorkerError`."""
     out = []
     for number, raw in chunk:
         try:
@@ -128,6 +178,8 @@ def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, TokenizedPai
             out.append((number, tokenize_pair(row, _WORKER["tokenizer"], _WORKER["template"], _WORKER["truncation"])))
         except RowError as e:
             out.append((number, e))
+        except Exception as e:
+            raise WorkerError(number, f"{type(e).__name__}: {e}") from e
     return out
 
 
@@ -142,43 +194,7 @@ def _chunks(rows: Iterator[tuple[int, Any]], size: int) -> Iterator[list[tuple[i
         yield chunk
 
 
-# ---------------------------------------------------------------- writing
-
-
-@dataclass
-class _SplitWriter:
-    """One split's ``.bin/.idx`` under temporary names plus its length statistics."""
-
-    final_prefix: str
-    dtype: type
-    tmp_prefix: str = ""
-    builder: IndexedDatasetBuilder | None = None
-    num_pairs: int = 0
-    lengths: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "chosen": [], "rejected": []})
-
-    def __post_init__(self) -> None:
-        self.tmp_prefix = f"{self.final_prefix}.tmp-{os.getpid()}"
-        self.builder = IndexedDatasetBuilder(self.tmp_prefix + ".bin", dtype=self.dtype)
-
-    def add(self, pair: TokenizedPair) -> None:
-        ids = np.asarray(pair.prompt + pair.chosen + pair.rejected, dtype=np.int64)
-        self.builder.add_document(ids, [len(pair.prompt), len(pair.chosen), len(pair.rejected)])
-        self.num_pairs += 1
-        for key in self.lengths:
-            self.lengths[key].append(len(getattr(pair, key)))
-
-    def temp_paths(self) -> list[str]:
-        return [self.tmp_prefix + ext for ext in (".bin", ".idx", ".json")]
-
-
-def _histogram(values: list[int]) -> dict[str, Any]:
-    if not values:
-        return {"count": 0}
-    top = max(values)
-    edges = [e for e in HISTOGRAM_EDGES if e < top] + [max(top + 1, 1)]
-    counts, _ = np.histogram(values, bins=edges)
-    return {"count": len(values), "mean": float(np.mean(values)), "max": int(top), "min": int(min(values)),
-            "bins": [[int(lo), int(hi), int(c)] for lo, hi, c in zip(edges[:-1], edges[1:], counts)]}
+# ---------------------------------------------------------------- driver
 
 
 def _valid_side(prompt_text: str, seed: int, fraction: float) -> bool:
@@ -198,38 +214,45 @@ def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
         if not os.path.exists(path):
             raise PreprocessError(f"input {path!r} does not exist")
     out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise PreprocessError(f"--output-prefix {config.output_prefix}: cannot create the directory {out_dir} "
+                              f"({e.strerror}); choose a prefix in a writable directory") from None
+    remove_dead_staging(config.output_prefix)
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     splits = SPLITS if config.valid_fraction > 0 else SPLITS[:1]
-    writers = {s: _SplitWriter(f"{config.output_prefix}_{s}", dtype) for s in splits}
+    writers: dict[str, SplitWriter] = {}
     counts: dict[str, Any] = {"rows_read": 0, "pairs_written": 0, "truncated": 0, "boundary_shifted": 0,
                               "dropped": {r: 0 for r in DROP_REASONS}, "dropped_rows": {r: [] for r in DROP_REASONS}}
     try:
+        for split in splits:
+            writers[split] = SplitWriter(f"{config.output_prefix}_{split}", dtype)
         worker_args = (config.tokenizer, config.template, truncation, columns)
         for path in config.inputs:
             rows = iter_raw_rows(path, config.input_format, config.input_split)
-            for number, result in _tokenized(rows, config, worker_args, path):
-                counts["rows_read"] += 1
-                if isinstance(result, RowError):
-                    if config.strict:
-                        raise PreprocessError(f"{path}: row {number}: {result} (--strict)")
-                    counts["dropped"][result.reason] += 1
-                    shown = counts["dropped_rows"][result.reason]
-                    if len(shown) < config.max_rows_shown:
-                        shown.append(f"{path}:{number}")
-                    continue
-                counts["truncated"] += result.truncated
-                counts["boundary_shifted"] += result.boundary_shifted
-                counts["pairs_written"] += 1
-                side = "valid" if "valid" in writers and _valid_side(
-                    result.prompt_text, config.split_seed, config.valid_fraction) else "train"
-                writers[side].add(result)
+            with closing(_tokenized(rows, config, worker_args, path)) as tokenized:  # shuts the pool down on errors
+                for number, result in tokenized:
+                    counts["rows_read"] += 1
+                    if isinstance(result, RowError):
+                        if config.strict:
+                            raise PreprocessError(f"{path}: row {number}: {result} (--strict)")
+                        counts["dropped"][result.reason] += 1
+                        shown = counts["dropped_rows"][result.reason]
+                        if len(shown) < config.max_rows_shown:
+                            shown.append(f"{path}:{number}")
+                        continue
+                    counts["truncated"] += result.truncated
+                    counts["boundary_shifted"] += result.boundary_shifted
+                    counts["pairs_written"] += 1
+                    side = "valid" if "valid" in writers and _valid_side(
+                        result.prompt_text, config.split_seed, config.valid_fraction) else "train"
+                    writers[side].add(result.prompt, result.chosen, result.rejected)
         if counts["pairs_written"] == 0:
             raise PreprocessError(f"no usable pair in {config.inputs}; dropped: {_nonzero(counts['dropped'])}")
         counts.update({f"{s}_pairs": w.num_pairs for s, w in writers.items()})
         metadata = {
-            "format": FORMAT_VERSION,
             "layout": "one document per pair: sequences [prompt, chosen response, rejected response]",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"inputs": [os.path.abspath(p) for p in config.inputs], "input_format": config.input_format,
@@ -238,23 +261,15 @@ def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
             "template": {"name": template_name, "source": template_source},
             "truncation": asdict(truncation),
             "split_rule": {"valid_fraction": config.valid_fraction, "seed": config.split_seed,
-                      "rule": "valid iff blake2b(seed, rendered prompt)/2^64 < valid_fraction"},
+                           "rule": "valid iff blake2b(seed, rendered prompt)/2^64 < valid_fraction"},
             "counts": counts,
         }
         for split, writer in writers.items():
-            writer.builder.finalize(writer.tmp_prefix + ".idx")
-            split_meta = dict(metadata, split=split, num_pairs=writer.num_pairs,
-                              lengths={k: _histogram(v) for k, v in writer.lengths.items()},
-                              files={"bin_bytes": os.path.getsize(writer.tmp_prefix + ".bin"),
-                                     "idx_bytes": os.path.getsize(writer.tmp_prefix + ".idx")})
-            with open(writer.tmp_prefix + ".json", "w") as f:
-                json.dump(split_meta, f, indent=1)
-        _publish(writers.values(), config.output_prefix)
+            writer.finalize(dict(metadata, split=split))
+        publish_splits(list(writers.values()), config.output_prefix)
     finally:
         for writer in writers.values():
-            for path in writer.temp_paths():
-                if os.path.exists(path):
-                    os.remove(path)
+            writer.discard()
     return PreprocessResult({s: w.final_prefix for s, w in writers.items()}, counts, time.time() - start)
 
 
@@ -265,19 +280,47 @@ def _tokenized(rows: Iterator[tuple[int, Any]], config: PreprocessConfig, worker
     try:
         if config.workers == 1:
             _init_worker(*worker_args)
-            for chunk in _chunks(rows, config.chunk_size):
-                results = _process_chunk(chunk)
-                progress.update(len(results))
-                yield from results
+            results = map(_process_chunk, _chunks(rows, config.chunk_size))
         else:
-            # fork (Linux) starts workers in milliseconds; spawn would re-import torch/megatron in each (seconds)
-            context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-            with context.Pool(config.workers, initializer=_init_worker, initargs=worker_args) as pool:
-                for results in pool.imap(_process_chunk, _chunks(rows, config.chunk_size)):
-                    progress.update(len(results))
-                    yield from results
+            results = _pooled(_chunks(rows, config.chunk_size), config.workers, worker_args, path)
+        for chunk_results in results:
+            progress.update(len(chunk_results))
+            yield from chunk_results
+    except WorkerError as e:
+        raise PreprocessError(f"{path}: row {e.row}: tokenizing failed: {e.detail}") from e
     finally:
         progress.close()
+
+
+def _pooled(chunks: Iterator[list[tuple[int, Any]]], workers: int, worker_args: tuple,
+            path: str) -> Iterator[list[tuple[int, TokenizedPair | RowError]]]:
+    """``map(_process_chunk, chunks)`` in order on ``workers`` processes with at most 2 chunks per worker in flight.
+
+    concurrent.futures (unlike multiprocessing.Pool, which waits forever for the task of a dead worker or a result
+    it cannot unpickle) fails every pending future with ``BrokenProcessPool`` in both cases.
+    """
+    # fork (Linux) starts workers in milliseconds; spawn would re-import torch/megatron in each (seconds)
+    context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker, initargs=worker_args)
+    pending: deque[tuple[list, Future]] = deque()
+    try:
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(_process_chunk, chunk)))
+            if len(pending) >= 2 * workers:
+                yield _result(*pending.popleft(), path)
+        while pending:
+            yield _result(*pending.popleft(), path)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(chunk: list[tuple[int, Any]], future: Future, path: str) -> list:
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        why = str(e.__cause__).strip().splitlines()[-1] if e.__cause__ else "killed by a signal, e.g. out of memory"
+        raise PreprocessError(f"{path}: a tokenizer worker failed while rows {chunk[0][0]}-{chunk[-1][0]} were in "
+                              f"flight ({why}); rerun, with fewer --workers if memory is short") from None
 
 
 def _progress(enabled: bool, path: str):
@@ -296,22 +339,6 @@ def _progress(enabled: bool, path: str):
                 pass
         return _Simple()
     return tqdm(desc=os.path.basename(path), unit=" rows", disable=not enabled, file=sys.stderr)
-
-
-def _publish(writers, output_prefix: str) -> None:
-    """Rename temporaries to final names. The metadata JSON (the completeness marker) of every split is removed
-    first and written last, so a crash in between leaves no prefix that looks complete."""
-    writers = list(writers)
-    for split in SPLITS:  # stale splits of an earlier run (e.g. a valid split no longer requested) go too
-        for ext in (".json", ".bin", ".idx"):
-            stale = f"{output_prefix}_{split}{ext}"
-            if os.path.exists(stale):
-                os.remove(stale)
-    for writer in writers:
-        os.replace(writer.tmp_prefix + ".bin", writer.final_prefix + ".bin")
-        os.replace(writer.tmp_prefix + ".idx", writer.final_prefix + ".idx")
-    for writer in writers:
-        os.replace(writer.tmp_prefix + ".json", writer.final_prefix + ".json")
 
 
 def _nonzero(counter: dict[str, int]) -> dict[str, int]:
@@ -383,8 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = preprocess_pairs(PreprocessConfig(**vars(args)))
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
+    except (PreprocessError, ValueError, OSError) as e:  # bad input or environment: one line, no traceback
         print(f"megatron-dil-preprocess: error: {e}", file=sys.stderr)
         return 1
     print(format_summary(result))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

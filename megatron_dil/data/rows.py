@@ -9,6 +9,12 @@ Accepted shapes (column names configurable):
   and ``rejected`` lists of messages holding either only the response turns or the whole conversation (as in
   UltraFeedback-binarized, where the prompt turns are the shared prefix of chosen and rejected; then ``prompt`` may be
   absent).
+
+Roles follow the chat-template convention (the Hugging Face ``messages`` format every named template and most
+tokenizer templates are written for): prompt messages are ``system``, ``user`` or ``assistant``; the chosen and
+rejected replies are ``assistant`` messages. Anything else (a reply by ``user``, a ``wizard`` turn) is a bad row
+(``bad_role``), as is a conversation the template itself rejects (``template_error``, e.g. roles that do not
+alternate).
 """
 from __future__ import annotations
 
@@ -16,8 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 DROP_REASONS = (
-    "malformed_json", "missing_field", "empty_field", "non_string_content", "identical_responses", "prompt_too_long",
+    "malformed_json", "missing_field", "empty_field", "non_string_content", "bad_role", "template_error",
+    "identical_responses", "prompt_too_long",
 )
+PROMPT_ROLES = ("system", "user", "assistant")
+REPLY_ROLE = "assistant"
 
 Message = dict[str, str]
 
@@ -30,6 +39,9 @@ class RowError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # pickled by (reason, detail), so it crosses from a worker process to the parent
+        return RowError, (self.reason, self.detail)
 
 
 @dataclass(frozen=True)
@@ -77,12 +89,14 @@ def _parse_chat(prompt: Any, chosen: Any, rejected: Any, columns: Columns) -> Pr
     rejected_msgs = _messages(rejected, columns.rejected, default_role="assistant")
     if isinstance(prompt, list):
         prompt_msgs = _messages(prompt, columns.prompt, default_role="user")
+        _check_roles(prompt_msgs, PROMPT_ROLES, columns.prompt, "prompt messages")
         chosen_msgs = _strip_prefix(chosen_msgs, prompt_msgs)
         rejected_msgs = _strip_prefix(rejected_msgs, prompt_msgs)
     elif len(chosen_msgs) > 1 or len(rejected_msgs) > 1:
         # Whole conversations: the prompt is their shared prefix, the responses the final turns.
         if chosen_msgs[:-1] != rejected_msgs[:-1]:
             raise RowError("missing_field", "chosen and rejected conversations do not share the prompt turns")
+        _check_roles(chosen_msgs[:-1], PROMPT_ROLES, columns.chosen, "prompt turns")
         prompt_msgs, chosen_msgs, rejected_msgs = chosen_msgs[:-1], chosen_msgs[-1:], rejected_msgs[-1:]
     elif prompt is None:
         raise RowError("missing_field", f"no {columns.prompt!r}")
@@ -95,6 +109,7 @@ def _parse_chat(prompt: Any, chosen: Any, rejected: Any, columns: Columns) -> Pr
     for key, msgs in ((columns.chosen, chosen_msgs), (columns.rejected, rejected_msgs)):
         if not msgs or not any(m["content"].strip() for m in msgs):
             raise RowError("empty_field", f"{key!r} has an empty response")
+        _check_roles(msgs, (REPLY_ROLE,), key, "replies")
     if chosen_msgs == rejected_msgs:
         raise RowError("identical_responses", "chosen and rejected responses are identical")
     return PreferenceRow("chat", prompt_msgs, chosen_msgs, rejected_msgs)
@@ -118,6 +133,13 @@ def _messages(value: Any, key: str, default_role: str) -> list[Message]:
             raise RowError("non_string_content", f"{key!r}[{i}].{bad} is a {type(message[bad]).__name__}")
         out.append({"role": role, "content": content})
     return out
+
+
+def _check_roles(messages: list[Message], allowed: tuple[str, ...], key: str, what: str) -> None:
+    for message in messages:
+        if message["role"] not in allowed:
+            raise RowError("bad_role", f"{key!r} has a message with role {message['role']!r}; {what} must be "
+                                       f"{' or '.join(allowed)}")
 
 
 def _strip_prefix(messages: list[Message], prefix: list[Message]) -> list[Message]:

@@ -15,6 +15,8 @@ import json
 import os
 import random
 
+from megatron_dil.io.files import atomic_write_text
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ["sort", "ascending", "descending", ":"] + [str(d) for d in range(10)] + list("abcdefghijklmnopqrstuvwxyz")
 CHAT_TEMPLATE = (
@@ -68,11 +70,7 @@ def make_pair(rng: random.Random) -> dict:
 def write_tiny_pairs(path: str, num_pairs: int = 3600, seed: int = 0) -> str:
     """Write ``num_pairs`` deterministic rows as JSONL to ``path`` (atomically); return it."""
     rng = random.Random(seed)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for _ in range(num_pairs):
-            f.write(json.dumps(make_pair(rng)) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(make_pair(rng)) + "\n" for _ in range(num_pairs)))
     return path
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
 from megatron_dil.data.rows import PreferenceRow, RowError
 from megatron_dil.data.tokenizer import PreferenceTokenizer
 
@@ -64,10 +66,16 @@ def tokenize_pair(row: PreferenceRow, tokenizer: PreferenceTokenizer, template: 
     else:
         if template is None:
             raise ValueError("conversational rows need a chat template")
-        prompt_text = tokenizer.render_chat(row.prompt, template, add_generation_prompt=True)
+        try:
+            prompt_text = tokenizer.render_chat(row.prompt, template, add_generation_prompt=True)
+            rendered = [tokenizer.render_chat(row.prompt + r, template, add_generation_prompt=False)
+                        for r in (row.chosen, row.rejected)]
+        except TemplateSyntaxError:  # the template itself is broken: not the row's fault
+            raise
+        except TemplateError as e:  # the template refuses this conversation (raise_exception), e.g. role order
+            raise RowError("template_error", f"the chat template rejects the conversation: {e}") from None
         prompt_ids = tokenizer.encode(prompt_text)
-        full = [tokenizer.encode(tokenizer.render_chat(row.prompt + r, template, add_generation_prompt=False))
-                for r in (row.chosen, row.rejected)]
+        full = [tokenizer.encode(text) for text in rendered]
     prompt_ids = _collapse_leading_bos(prompt_ids, tokenizer.bos_id)
     full = [_collapse_leading_bos(ids, tokenizer.bos_id) for ids in full]
     boundary = min(_common_prefix_length(prompt_ids, ids) for ids in full)

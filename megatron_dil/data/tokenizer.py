@@ -20,8 +20,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 class PreferenceTokenizer:
     """Tokenizer facade: plain encoding (no special tokens), special ids and the chat template.
 
-    ``vocab_size`` is the real, unpadded vocabulary (Megatron pads it for TP itself). ``pad_id`` falls back to
-    ``eos_id`` when the tokenizer has no pad token (padding positions are masked out anyway).
+    ``vocab_size`` is the real, unpadded vocabulary: one more than the largest id the tokenizer can produce (more than
+    its number of tokens when its ids have gaps; Megatron pads it for TP itself). ``pad_id`` falls back to ``eos_id`` when
+    the tokenizer has no pad token (padding positions are masked out anyway).
     ``adds_bos`` says whether the tokenizer prepends BOS when asked for special tokens (e.g. Llama), so plain-text
     rows get exactly that BOS while chat-templated text, whose template writes BOS itself, gets none more.
     """
@@ -85,14 +86,26 @@ class PreferenceTokenizer:
         }
 
 
+class TokenizerError(ValueError):
+    """A tokenizer path that cannot be loaded (names the path and what was expected)."""
+
+
+EXPECTED = ("a Hugging Face tokenizer directory (tokenizer.json, or tokenizer.model with tokenizer_config.json) or a "
+            "sentencepiece .model file")
+
+
 def load_tokenizer(path: str) -> PreferenceTokenizer:
     """Load a HF tokenizer directory (local files only) or a sentencepiece ``.model`` file."""
-    if os.path.isfile(path) and path.endswith(".model"):
-        return _load_sentencepiece(path)
-    if os.path.isdir(path):
-        return _load_hf(path)
-    raise FileNotFoundError(f"tokenizer {path!r}: expected a Hugging Face tokenizer directory or a sentencepiece "
-                            f".model file")
+    if not (os.path.isdir(path) or os.path.isfile(path) and path.endswith(".model")):
+        raise FileNotFoundError(f"tokenizer {path!r}: expected {EXPECTED}")
+    try:
+        return _load_sentencepiece(path) if os.path.isfile(path) else _load_hf(path)
+    except TokenizerError:
+        raise
+    except Exception as e:  # the libraries' own errors (truncated JSON, empty directory, ...) do not name the path
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"tokenizer {path!r} cannot be loaded ({type(e).__name__}: {detail}); expected "
+                             f"{EXPECTED}, complete and readable") from None
 
 
 def _load_hf(path: str) -> PreferenceTokenizer:
@@ -100,11 +113,12 @@ def _load_hf(path: str) -> PreferenceTokenizer:
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer {path!r} has no eos token; preference training needs one to end responses")
+        raise TokenizerError(f"tokenizer {path!r} has no eos token; preference training needs one to end responses")
     with_specials = tok("a", add_special_tokens=True)["input_ids"]
     adds_bos = tok.bos_token_id is not None and len(with_specials) > 0 and with_specials[0] == tok.bos_token_id
     return PreferenceTokenizer(
-        kind="hf", path=os.path.abspath(path), vocab_size=len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
+        kind="hf", path=os.path.abspath(path), vocab_size=max(len(tok), max(tok.get_vocab().values()) + 1),
+        bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
         pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, adds_bos=adds_bos,
         chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
         bos_token=tok.bos_token, eos_token=tok.eos_token, _backend=tok,
@@ -116,7 +130,7 @@ def _load_sentencepiece(path: str) -> PreferenceTokenizer:
 
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.eos_id() < 0:
-        raise ValueError(f"sentencepiece model {path!r} has no eos piece; preference training needs one")
+        raise TokenizerError(f"sentencepiece model {path!r} has no eos piece; preference training needs one")
     bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
     return PreferenceTokenizer(
         kind="sentencepiece", path=os.path.abspath(path), vocab_size=sp.get_piece_size(), bos_id=bos_id,
