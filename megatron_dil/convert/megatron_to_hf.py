@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_dil.convert.checkpoint import MegatronCheckpoint
-from megatron_dil.io import publish
+from megatron_dil.io import IntegrityError, publish
 from megatron_dil.convert.hf_config import ConversionError, hf_config_from_model, model_config_from_hf, same_architecture
 from megatron_dil.convert.hf_files import copy_tokenizer, dtype_name, parse_dtype, write_sharded_safetensors
 from megatron_dil.convert.sharding import hf_keys, hf_tensor
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weight_map = megatron_to_hf(args.source, args.output, dtype=args.dtype,
                                     max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress)
-    except ConversionError as err:
+    except (ConversionError, IntegrityError) as err:
         print(f"megatron-dil-megatron-to-hf: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}: {len(weight_map)} tensors in {len(set(weight_map.values()))} safetensors files")
