@@ -40,7 +40,8 @@ def _megatron_logits(rank: int, world_size: int, cases: list[tuple[str, str, tup
         runs = [("rows", forward_logits(chunks, TOKENS, position_ids))]
         if model_cfg.sliding_window is not None:  # both rows packed into one: window AND block-diagonal mask
             s = TOKENS.shape[1]
-            blocks = torch.block_diag(*[torch.ones(s, s, dtype=torch.bool)] * 2) & torch.ones(2 * s, 2 * s).tril().bool()
+            causal = torch.ones(2 * s, 2 * s).tril().bool()
+            blocks = torch.block_diag(*[torch.ones(s, s, dtype=torch.bool)] * 2) & causal
             packed = forward_logits(chunks, TOKENS.reshape(1, -1), position_ids.reshape(1, -1), ~blocks[None, None])
             runs.append(("packed", None if packed is None else packed.reshape(2, s, -1)))
         for form, logits in runs:

@@ -95,7 +95,8 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
                 raise ConversionError(f"config.json llama3 rope scaling {field}={scaling[field]} is not supported: "
                                       f"Megatron-Core implements only {LLAMA3_FIXED_ROPE_SCALING}")
         if not isinstance(scaling.get("factor"), (int, float)):
-            raise ConversionError(f"config.json llama3 rope scaling needs a numeric factor, got {scaling.get('factor')!r}")
+            raise ConversionError(f"config.json llama3 rope scaling needs a numeric factor, not "
+                                  f"{scaling.get('factor')!r}")
         rope_factor = float(scaling["factor"])
     sizes = {name: _integer(hf, name, required=True) for name in REQUIRED_SIZES}
     optional = {name: _integer(hf, name, required=False) for name in OPTIONAL_SIZES}
