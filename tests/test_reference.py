@@ -51,9 +51,11 @@ def _run(tiny, init: dict, **reference) -> dict:
             "reference": {"mode": "precompute", **reference}, "logging": {"tensorboard": False}}
 
 
-def _prepare(rank: int, world_size: int, runs: list[dict]) -> list[dict]:
-    """For each run config: build the trainer, prepare the reference; return its log lines, the train table's first
-    rows, or the error."""
+def _prepare(rank: int, world_size: int, steps: list) -> list[dict]:
+    """Each step is a run config (build the trainer, prepare the reference: return its log lines and the train
+    table's first rows, or the error) or ``(function, *args)`` called on rank 0 between runs (e.g. to damage a
+    file); one result per run."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_dil.config import from_dict
@@ -63,10 +65,15 @@ def _prepare(rank: int, world_size: int, runs: list[dict]) -> list[dict]:
 
     out = []
     try:
-        for run in runs:
+        for step in steps:
+            if isinstance(step, tuple):
+                if rank == 0:
+                    step[0](*step[1:])
+                dist.barrier()
+                continue
             logs: list[str] = []
             try:
-                trainer = Trainer(from_dict(RunConfig, run))
+                trainer = Trainer(from_dict(RunConfig, step))
                 trainer.monitor.log = logs.append
                 trainer.prepare_reference()
                 out.append({"logs": logs, "sums": trainer.tables["train"].sums[:4].copy()})
@@ -76,6 +83,25 @@ def _prepare(rank: int, world_size: int, runs: list[dict]) -> list[dict]:
     finally:
         shutdown()
     return out
+
+
+def _swap_in(checkpoint: str, other: str) -> None:
+    """Replace ``checkpoint``'s files by ``other``'s, keeping each file's size (asserted) and times."""
+    root = Path(checkpoint)
+    times = {p.relative_to(root): (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    shutil.rmtree(root)
+    shutil.copytree(other, root)
+    for name, (atime, mtime) in times.items():
+        assert (root / name).stat().st_size == (Path(other) / name).stat().st_size
+        os.utime(root / name, ns=(atime, mtime))
+
+
+def _zero_sums(prefix: str) -> None:
+    """Every reference sum of the dataset's cache set to 0; identity and recorded checksum kept."""
+    [path] = _caches(prefix)
+    with np.load(path) as cache:
+        stored = {k: cache[k].copy() for k in cache.files}
+    np.savez(path, **{**stored, "sums": np.zeros_like(stored["sums"])})
 
 
 def _caches(prefix: str) -> set[str]:
@@ -88,26 +114,18 @@ def test_caches_are_keyed_by_content_and_coexist(tiny):
     root, prefix = tiny["root"], tiny["prefix"]
     swapped = root / "swapped"
     shutil.copytree(tiny["checkpoints"]["model_a"], swapped)
-    first = run_ranks(_prepare, 1, [_run(tiny, {"init": {"checkpoint": str(swapped)}}),
-                                    _run(tiny, {"init": {"checkpoint": tiny["checkpoints"]["model_b"]}}),
-                                    _run(tiny, {"init": {"checkpoint": str(swapped)}})])[0]
-    assert all("error" not in r for r in first), first
-    cache_a, cache_b = (next(l for l in r["logs"] if "computing" in l).rsplit(" -> ", 1)[1] for r in first[:2])
+    swapped_run = _run(tiny, {"init": {"checkpoint": str(swapped)}})
+    a, b, a_again, b_swapped = run_ranks(_prepare, 1, [
+        swapped_run, _run(tiny, {"init": {"checkpoint": tiny["checkpoints"]["model_b"]}}), swapped_run,
+        (_swap_in, str(swapped), tiny["checkpoints"]["model_b"]), swapped_run])[0]
+    assert all("error" not in r for r in (a, b, a_again, b_swapped))
+    cache_a, cache_b = (next(line for line in r["logs"] if "computing" in line).rsplit(" -> ", 1)[1] for r in (a, b))
     assert _caches(prefix) == {cache_a, cache_b}
-    assert first[2]["logs"] == [f"reference log-probs: reusing {cache_a}"]
-    np.testing.assert_array_equal(first[2]["sums"], first[0]["sums"])
-    assert not np.allclose(first[1]["sums"], first[0]["sums"])
-
-    times = {p.relative_to(swapped): (p.stat().st_atime_ns, p.stat().st_mtime_ns)
-             for p in swapped.rglob("*") if p.is_file()}
-    shutil.rmtree(swapped)
-    shutil.copytree(tiny["checkpoints"]["model_b"], swapped)
-    for name, (atime, mtime) in times.items():
-        assert (swapped / name).stat().st_size == (Path(tiny["checkpoints"]["model_a"]) / name).stat().st_size
-        os.utime(swapped / name, ns=(atime, mtime))
-    [again] = run_ranks(_prepare, 1, [_run(tiny, {"init": {"checkpoint": str(swapped)}})])[0]
-    assert again["logs"] == [f"reference log-probs: reusing {cache_b}"]
-    np.testing.assert_array_equal(again["sums"], first[1]["sums"])
+    assert a_again["logs"] == [f"reference log-probs: reusing {cache_a}"]
+    np.testing.assert_array_equal(a_again["sums"], a["sums"])
+    assert not np.allclose(b["sums"], a["sums"])
+    assert b_swapped["logs"] == [f"reference log-probs: reusing {cache_b}"]
+    np.testing.assert_array_equal(b_swapped["sums"], b["sums"])
 
 
 def test_damaged_caches_are_refused_naming_the_file(tiny, tmp_path):
@@ -121,19 +139,31 @@ def test_damaged_caches_are_refused_naming_the_file(tiny, tmp_path):
     prefix = str(data / Path(tiny["prefix"]).name)
     tiny = {**tiny, "prefix": prefix}
     random_init = {"model": {"preset": "tiny"}}
-    [made] = run_ranks(_prepare, 1, [_run(tiny, random_init)])[0]
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    elsewhere = tmp_path / "caches"
+    results = run_ranks(_prepare, 2, [
+        _run(tiny, random_init), (_zero_sums, prefix), _run(tiny, random_init),
+        _run(tiny, random_init, recompute=True), _run(tiny, random_init, cache_dir=str(elsewhere)),
+        _run(tiny, random_init, cache_dir=str(blocked / "caches"))])
+    made, refused, rebuilt, moved, _ = results[0]
     [path] = _caches(prefix)
+    for result in (refused, results[1][1]):  # on every rank
+        assert result["error"] == (f"ReferenceCacheError: {path}: its values do not match the checksum recorded "
+                                   f"when it was written (edited or damaged); set reference.recompute=true to rebuild it")
+    assert rebuilt["sums"].tolist() == made["sums"].tolist() and (made["sums"] < 0).all()
+    assert [p.name for p in elsewhere.iterdir()] == [Path(path).name]
+    assert moved["sums"].tolist() == made["sums"].tolist()
+    for result in (results[0][-1], results[1][-1]):  # every rank: the same line, before any reference pass
+        assert result["error"].startswith(f"ReferenceCacheError: cannot write the reference log-prob cache "
+                                          f"{blocked / 'caches'}/tiny_train.reference_logps.")
+        assert "reference.cache_dir is not writable (NotADirectoryError" in result["error"]
+        assert not any("computing" in line for line in result["logs"])
+
     with np.load(path) as cache:
         stored = {k: cache[k].copy() for k in cache.files}
     identity, rows = json.loads(str(stored["identity"])), len(stored["sums"])
     assert read_cache(path, identity, rows).sums[:4].tolist() == made["sums"].tolist()
-
-    np.savez(path, **{**stored, "sums": np.zeros_like(stored["sums"])})  # the values edited, nothing else
-    refused, rebuilt = run_ranks(_prepare, 1, [_run(tiny, random_init), _run(tiny, random_init, recompute=True)])[0]
-    assert refused["error"] == (f"ReferenceCacheError: {path}: its values do not match the checksum recorded when "
-                                f"it was written (edited or damaged); set reference.recompute=true to rebuild it")
-    assert rebuilt["sums"].tolist() == made["sums"].tolist() and (rebuilt["sums"] < 0).all()
-
     good = Path(path).read_bytes()
     for damage, message in ((good[:-64], "is not a readable reference cache"),
                             (b"sums,counts\n1,2\n", "is not a readable reference cache")):
@@ -147,16 +177,3 @@ def test_damaged_caches_are_refused_naming_the_file(tiny, tmp_path):
     write_cache(path, ReferenceTable(stored["sums"], stored["counts"]), {**identity, "precision": "other"})
     with pytest.raises(ReferenceCacheError, match=rf"^{path} was computed for another precision"):
         read_cache(path, identity, rows)
-
-    blocked = tmp_path / "a_file"
-    blocked.write_text("")
-    results = run_ranks(_prepare, 2, [_run(tiny, random_init, cache_dir=str(blocked / "caches"))])
-    for [result] in results:  # both ranks: the same line, before any reference pass
-        assert result["error"].startswith(f"ReferenceCacheError: cannot write the reference log-prob cache "
-                                          f"{blocked / 'caches'}/tiny_train.reference_logps.")
-        assert "reference.cache_dir is not writable (NotADirectoryError" in result["error"]
-        assert not any("computing" in line for line in result["logs"])
-    elsewhere = tmp_path / "caches"
-    [moved] = run_ranks(_prepare, 1, [_run(tiny, random_init, cache_dir=str(elsewhere))])[0]
-    assert [p.name for p in elsewhere.iterdir()] == [Path(path).name]
-    assert moved["sums"].tolist() == made["sums"].tolist()
