@@ -1,5 +1,6 @@
 """HF → megatron_dil conversion reproduces transformers' fp32 logits at TP=1, TP=2 and PP=2 on
-real gloo ranks; ``save_megatron_checkpoint`` writes back exactly the converted shards."""
+real gloo ranks (256-token sequences: Mistral's sliding window and a non-integer rope_theta matter);
+``save_megatron_checkpoint`` writes back exactly the converted shards."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,13 +37,21 @@ def _megatron_logits(rank: int, world_size: int, cases: list[tuple[str, str, tup
         chunks = build_model(model_cfg, max_sequence_length=TOKENS.shape[1])
         load_megatron_checkpoint(chunks, checkpoint)
         position_ids = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
-        logits = forward_logits(chunks, TOKENS, position_ids)
-        if logits is not None:
-            shards = [torch.empty_like(logits) for _ in range(tp)]
-            torch.distributed.all_gather(shards, logits.contiguous(),
-                                         group=parallel_state.get_tensor_model_parallel_group())
-            if parallel_state.get_tensor_model_parallel_rank() == 0:
-                results[(name, checkpoint, (tp, pp, vpp))] = torch.cat(shards, dim=-1)[..., : model_cfg.vocab_size]
+        runs = [("rows", forward_logits(chunks, TOKENS, position_ids))]
+        if model_cfg.sliding_window is not None:  # both rows packed into one: window AND block-diagonal mask
+            s = TOKENS.shape[1]
+            causal = torch.ones(2 * s, 2 * s).tril().bool()
+            blocks = torch.block_diag(*[torch.ones(s, s, dtype=torch.bool)] * 2) & causal
+            packed = forward_logits(chunks, TOKENS.reshape(1, -1), position_ids.reshape(1, -1), ~blocks[None, None])
+            runs.append(("packed", None if packed is None else packed.reshape(2, s, -1)))
+        for form, logits in runs:
+            if logits is not None:
+                shards = [torch.empty_like(logits) for _ in range(tp)]
+                torch.distributed.all_gather(shards, logits.contiguous(),
+                                             group=parallel_state.get_tensor_model_parallel_group())
+                if parallel_state.get_tensor_model_parallel_rank() == 0:
+                    full = torch.cat(shards, dim=-1)[..., : model_cfg.vocab_size]
+                    results[(name, checkpoint, (tp, pp, vpp), form)] = full
         if resave:
             save_megatron_checkpoint(chunks, resave, model_cfg)
         parallel_state.destroy_model_parallel()
@@ -101,11 +110,11 @@ def test_logits_match_transformers_at_every_layout(hf_models, tmp_path):
     results = {}
     for rank_results in run_ranks(_megatron_logits, 2, cases):
         results.update(rank_results)
-    assert len(results) == len(cases)
-    for (name, checkpoint, layout), logits in results.items():
+    assert len(results) == len(cases) + sum(name == "mistral" for name, *_ in cases)
+    for (name, checkpoint, layout, form), logits in results.items():
         reference = hf_models[name][1]
         err = (logits - reference).abs().max().item()
-        assert err <= 1e-4, f"{name} {checkpoint} at (tp, pp, vpp)={layout}: max |Δlogit| = {err:.3g}"
+        assert err <= 1e-4, f"{name} {checkpoint} at (tp, pp, vpp)={layout}, {form}: max |Δlogit| = {err:.3g}"
     for name, checkpoint, layout, resave in cases:
         if resave:  # what the trainer saves equals what the converter wrote, tensor for tensor
             for shard in sorted(Path(checkpoint, "shards").iterdir()):

@@ -1,14 +1,14 @@
 """Shared fixtures of the convert tests (no tests here): tiny random Llama (GQA, untied, Llama-3 RoPE scaling),
-Mistral (sliding window) and Qwen2 (QKV bias, tied) models saved three ways (sharded safetensors, .bin, single
-safetensors), with their fp32 reference logits."""
+Mistral (sliding window of 7 keys, well inside the 256-token sequences) and Qwen2 (QKV bias, tied, non-integer
+rope_theta 10000.5: truncating it moves the logits by 2e-3) models saved three ways (sharded safetensors, .bin,
+single safetensors), with their fp32 reference logits."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-TOKENS = torch.tensor([[3, 17, 150, 42, 199, 8, 64, 128, 5, 77, 190, 1],
-                       [11, 0, 127, 129, 33, 98, 2, 160, 45, 6, 180, 99]])
+TOKENS = torch.randint(0, 200, (2, 256), generator=torch.Generator().manual_seed(0))
 COMMON = dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
               rms_norm_eps=1e-5, max_position_embeddings=16384)
 
@@ -20,9 +20,10 @@ def hf_configs() -> dict:
                       "original_max_position_embeddings": 8192, "rope_theta": 50000.0}
     return {
         "llama": LlamaConfig(**COMMON, num_hidden_layers=4, rope_parameters=llama3_scaling),
-        "mistral": MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=4096,
+        "mistral": MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=7,
                                  rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
-        "qwen2": Qwen2Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=True),
+        "qwen2": Qwen2Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.5}),
     }
 
 

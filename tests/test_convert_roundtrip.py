@@ -106,3 +106,53 @@ def test_command_line_tools(hf_models, tmp_path, capsys):
     assert to_megatron(["--source", str(hf_dir), "--output", str(tmp_path / "bad"), "--tensor-parallel", "3"]) == 1
     assert "tensor_parallel=3 does not divide num_attention_heads=4" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_without_hf_config_takes_token_ids_from_the_tokenizer(tmp_path):
+    """A checkpoint without an HF config (a run started from a preset) exports bos/eos/pad ids from its tokenizer
+    into config.json and generation_config.json, so a greedy transformers generate() stops at EOS. The weights are
+    made to predict EOS at step k of the greedy continuation (lm_head rows of the k-th token and EOS swapped)."""
+    import shutil
+
+    import transformers
+
+    from megatron_dil.convert.checkpoint import MANIFEST_NAME
+    from megatron_dil.data.tiny_task import tiny_example_dir
+
+    tokenizer_dir = Path(tiny_example_dir(), "tokenizer")
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    assert None not in ids.values() and len(set(ids.values())) == 3
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = torch.tensor([[tok.bos_token_id, 10, 20, 30]])
+    greedy = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            greedy = torch.cat([greedy, model(greedy).logits[:, -1:].argmax(-1)], dim=1)
+    steps = greedy[0, prompt.shape[1]:].tolist()
+    k = next(i for i in range(1, len(steps)) if steps[i] not in steps[:i] and ids["eos_token_id"] not in steps[:i + 1])
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[[steps[k], ids["eos_token_id"]]] = head[[ids["eos_token_id"], steps[k]]].clone()
+    model.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, tmp_path / "hf" / name)
+
+    ckpt = tmp_path / "ckpt"
+    hf_to_megatron(tmp_path / "hf", ckpt, tensor_parallel=1, pipeline_parallel=1, progress=False)
+    (ckpt / "hf_config.json").unlink()  # as a preset run writes it: nothing to inherit the ids from
+    manifest = json.loads((ckpt / MANIFEST_NAME).read_text())
+    del manifest["files"]["hf_config.json"]
+    (ckpt / MANIFEST_NAME).write_text(json.dumps(manifest))
+    megatron_to_hf(ckpt, tmp_path / "export", progress=False)
+
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((tmp_path / "export" / name).read_text())
+        assert {f: written.get(f) for f in ids} == ids, name
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    out = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    assert out[0, prompt.shape[1]:].tolist() == steps[:k] + [ids["eos_token_id"]]

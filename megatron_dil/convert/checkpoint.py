@@ -1,6 +1,7 @@
 """The megatron_dil checkpoint: one directory the trainer loads at its TP size and any PP/VPP split.
 
-    megatron_dil_checkpoint.json   manifest (format version, TP, PP, vocab sizes, dtype, source, shard files)
+    megatron_dil_checkpoint.json   manifest (format version, TP, PP, vocab sizes, dtype, source, shard files, and
+                                   ``files``: {relative path: {"size": bytes, "blake2b": hex}} of every other file)
     model_config.yaml              the ModelConfig (to_dict), so no architecture flags are needed
     hf_config.json                 the source HF config.json, when converted from HF (reused on export)
     tokenizer/                     the HF tokenizer files, when the source had them
@@ -8,12 +9,18 @@
 
 Because layer indices are global, a rank finds its layers in whichever pipeline file holds them, so the PP size and
 the virtual-pipeline split are free at load time; only the TP size (the slicing of each tensor) is fixed.
-Directories are written under ``<path>.partial`` and renamed into place when complete.
+Directories are written under ``<path>.partial`` and renamed into place when complete; the manifest is written last.
+
+Integrity (format 2): opening a checkpoint checks every recorded file's size and the small files' digests; a shard's
+BLAKE2b digest is checked before its first tensor is read, once per process. Format-1 checkpoints (no ``files``) are
+read with a warning that they cannot be verified; re-converting one adds the records.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +31,17 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_dil.config import from_dict, save_config
+from megatron_dil.config import ConfigError, from_dict, save_config
 from megatron_dil.convert.hf_config import ConversionError
 from megatron_dil.convert.hf_files import DTYPES, copy_tokenizer, dtype_name
 from megatron_dil.convert.sharding import (EMBEDDING, OUTPUT, TensorParallelLayout, canonical_key, megatron_keys,
                                            megatron_shard_shape)
-from megatron_dil.io import publish
+from megatron_dil.io import file_digest, publish, record_files, verify_file, verify_files
 from megatron_dil.models.config import ModelConfig
 
 MANIFEST_NAME = "megatron_dil_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no file records (unverifiable, read with a warning)
 RESHARD_HINT = ("reshard it with `megatron-dil-hf-to-megatron --source {path} --output NEW_DIR --tensor-parallel {tp} "
                 "--pipeline-parallel P` (a Megatron→Megatron conversion)")
 
@@ -55,12 +63,49 @@ class Manifest:
     dtype: str
     source: str
     shards: list[str] = field(default_factory=list)
+    files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # every file but the manifest: size, blake2b
     format_version: int = FORMAT_VERSION
     format: str = "megatron_dil"
 
 
+def reconvert_hint(source: Any) -> str:
+    """What to do about a damaged or unverifiable checkpoint converted from ``source``."""
+    return (f"re-convert it: `megatron-dil-hf-to-megatron --source {source or 'SOURCE_MODEL'} --output NEW_DIR`"
+            if source is None or not str(source).startswith("megatron-dil-train")
+            else "re-create it (it was written by a training run: rerun or resume that run)")
+
+
 def is_megatron_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
+
+
+_VERIFIED: set[tuple[str, str]] = set()  # (resolved shard path, digest) checked by this process
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of checkpoint directory ``path``; any problem is a ``ConversionError`` naming the file."""
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ConversionError(f"{path} is not a megatron_dil checkpoint (no {MANIFEST_NAME})")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{manifest_path} is not valid JSON ({err}); " + reconvert_hint(None)) from None
+    if not isinstance(data, dict) or data.get("format") != "megatron_dil" \
+            or data.get("format_version") not in READABLE_VERSIONS:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise ConversionError(f"{manifest_path}: unsupported format version {version!r} (this code reads "
+                              f"versions {list(READABLE_VERSIONS)})")
+    try:
+        manifest = from_dict(Manifest, data)
+    except ConfigError as err:
+        raise ConversionError(f"{manifest_path}: {err} (damaged or edited); "
+                              + reconvert_hint(data.get("source"))) from None
+    if manifest.format_version < FORMAT_VERSION:
+        warnings.warn(f"{path} is a format-{manifest.format_version} megatron_dil checkpoint without file "
+                      f"checksums: its files cannot be verified; to add them, convert it again: "
+                      f"`megatron-dil-hf-to-megatron --source {path} --output NEW_DIR`", stacklevel=3)
+    return manifest
 
 
 class MegatronCheckpoint:
@@ -68,34 +113,73 @@ class MegatronCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest_path = self.path / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise ConversionError(f"{self.path} is not a megatron_dil checkpoint (no {MANIFEST_NAME})")
-        data = json.loads(manifest_path.read_text())
-        if data.get("format") != "megatron_dil" or data.get("format_version") != FORMAT_VERSION:
-            raise ConversionError(f"{manifest_path}: unsupported format {data.get('format')!r} version "
-                                  f"{data.get('format_version')!r} (this code reads version {FORMAT_VERSION})")
-        self.manifest = Manifest(**data)
-        self.model: ModelConfig = from_dict(ModelConfig, yaml.safe_load((self.path / "model_config.yaml").read_text()))
+        self.manifest = read_manifest(self.path)
+        self._remedy = reconvert_hint(self.manifest.source)
+        shards = set(self.manifest.shards)
+        # Sizes of everything (cheap); digests of the small files now, of each shard before its first read.
+        verify_files(self.path, {n: r for n, r in self.manifest.files.items() if n not in shards}, "checkpoint",
+                     self._remedy)
+        verify_files(self.path, {n: r for n, r in self.manifest.files.items() if n in shards}, "checkpoint",
+                     self._remedy, check_digest=False)
+        self.model = self._model_config()
         self.layout = TensorParallelLayout(self.model, self.manifest.tensor_parallel)
         self._handles: dict[str, Any] = {}
         self._file_of: dict[tuple[str, int], str] = {}
         for name in self.manifest.shards:
             if not (self.path / name).is_file():
                 raise ConversionError(f"{self.path / name} is listed in {MANIFEST_NAME} but missing")
+            if self.manifest.files and name not in self.manifest.files:
+                raise ConversionError(f"{self.path / MANIFEST_NAME}: shard {name} has no size/checksum record; "
+                                      + self._remedy)
             tp_rank = int(Path(name).stem.split("_")[0][2:])
             for key in self._open(name).keys():
                 self._file_of[(key, tp_rank)] = name
 
+    def _model_config(self) -> ModelConfig:
+        path = self.path / "model_config.yaml"
+        if not path.is_file():
+            raise ConversionError(f"{path} is missing: the checkpoint cannot say its architecture; " + self._remedy)
+        try:
+            return from_dict(ModelConfig, yaml.safe_load(path.read_text()))
+        except (yaml.YAMLError, ConfigError, ValueError, TypeError) as err:
+            raise ConversionError(f"{path} is not a valid model config ({err}); " + self._remedy) from None
+
     def _open(self, name: str):
         if name not in self._handles:
-            self._handles[name] = safe_open(str(self.path / name), framework="pt")
+            try:
+                self._handles[name] = safe_open(str(self.path / name), framework="pt")
+            except Exception as err:  # noqa: BLE001 - SafetensorError or OSError: name the file
+                raise ConversionError(f"{self.path / name} is not a readable safetensors file ({err}); "
+                                      + self._remedy) from None
         return self._handles[name]
+
+    def _verify_shard(self, name: str) -> None:
+        """BLAKE2b of shard ``name`` against the manifest, once per process (format 2)."""
+        record = self.manifest.files.get(name)
+        if record is None:
+            return
+        key = (str((self.path / name).resolve()), str(record["blake2b"]))
+        if key not in _VERIFIED:
+            verify_file(self.path / name, record, "checkpoint", self._remedy)
+            _VERIFIED.add(key)
+
+    def content_digest(self) -> str:
+        """A digest of the weights and architecture: the shards' recorded BLAKE2b digests (computed for format 1)
+        and model_config.yaml. Equal for two checkpoints exactly when they hold the same model."""
+        digests = {name: self.manifest.files[name]["blake2b"] if name in self.manifest.files
+                   else file_digest(self.path / name) for name in sorted(self.manifest.shards)}
+        digests["model_config.yaml"] = file_digest(self.path / "model_config.yaml")
+        return hashlib.blake2b(json.dumps(digests, sort_keys=True).encode(), digest_size=32).hexdigest()
 
     @property
     def hf_config(self) -> dict[str, Any] | None:
         path = self.path / "hf_config.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConversionError(f"{path} is not valid JSON ({err}); " + self._remedy) from None
 
     def has(self, key: str, tp_rank: int) -> bool:
         return (key, tp_rank) in self._file_of
@@ -106,7 +190,9 @@ class MegatronCheckpoint:
     def read(self, key: str, tp_rank: int) -> torch.Tensor:
         if (key, tp_rank) not in self._file_of:
             raise ConversionError(f"{self.path}: tensor {key} of tensor-parallel rank {tp_rank} is in no shard file")
-        return self._open(self._file_of[(key, tp_rank)]).get_tensor(key)
+        name = self._file_of[(key, tp_rank)]
+        self._verify_shard(name)
+        return self._open(name).get_tensor(key)
 
     def validate(self) -> None:
         """Every tensor the config implies is present on every TP rank with the shape the config implies."""
@@ -123,12 +209,18 @@ class MegatronCheckpoint:
 
 def write_metadata(directory: Path, manifest: Manifest, model: ModelConfig, tokenizer_dir: str | Path | None,
                    hf_config: dict[str, Any] | None) -> list[str]:
-    """Manifest, model config, HF config and tokenizer files into ``directory``; returns the tokenizer file names."""
-    (directory / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2))
+    """Model config, HF config and tokenizer files into ``directory`` (whose shards are written), then the manifest
+    with the size and digest of every file; returns the tokenizer file names."""
     save_config(model, directory / "model_config.yaml")
+    names = list(manifest.shards) + ["model_config.yaml"]
     if hf_config is not None:
         (directory / "hf_config.json").write_text(json.dumps(hf_config, indent=2))
-    return copy_tokenizer(Path(tokenizer_dir), directory / "tokenizer") if tokenizer_dir else []
+        names.append("hf_config.json")
+    tokenizer = copy_tokenizer(Path(tokenizer_dir), directory / "tokenizer") if tokenizer_dir else []
+    names += [f"tokenizer/{name}" for name in tokenizer]
+    manifest.files = record_files(directory, names)
+    (directory / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2))
+    return tokenizer
 
 
 def _global_layers(chunk: torch.nn.Module) -> dict[int, int]:

@@ -12,6 +12,8 @@ from typing import Any
 from megatron_dil.models.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
 # Megatron-Core's Llama-3 RoPE scaling hard-codes these three values (only ``factor`` is configurable).
 LLAMA3_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -53,6 +55,20 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(hf.get("rope_theta", 10000.0)), hf.get("rope_scaling")
 
 
+def _integer(hf: dict[str, Any], field: str, required: bool) -> int | None:
+    """A positive integer size field, never rounded: a missing required one, a float such as 32.5, a string or a
+    non-positive value is refused naming the field."""
+    value = hf.get(field)
+    if value is None:
+        if required:
+            raise ConversionError(f"config.json has no {field}; a {sorted(SUPPORTED_ARCHITECTURES.values())} "
+                                  f"config needs {list(REQUIRED_SIZES)}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(f"config.json {field}={value!r} is not a positive integer")
+    return value
+
+
 def _require(hf: dict[str, Any], field: str, expected: Any, why: str) -> None:
     if hf.get(field, expected) != expected:
         raise ConversionError(f"config.json {field}={hf[field]!r} is not supported ({why}); expected {expected!r}")
@@ -78,26 +94,35 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
             if float(scaling.get(field, value)) != value:
                 raise ConversionError(f"config.json llama3 rope scaling {field}={scaling[field]} is not supported: "
                                       f"Megatron-Core implements only {LLAMA3_FIXED_ROPE_SCALING}")
+        if not isinstance(scaling.get("factor"), (int, float)):
+            raise ConversionError(f"config.json llama3 rope scaling needs a numeric factor, not "
+                                  f"{scaling.get('factor')!r}")
         rope_factor = float(scaling["factor"])
-    heads = hf["num_attention_heads"]
-    return ModelConfig(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        vocab_size=hf["vocab_size"],
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        rotary_base=theta,
-        rope_scaling_factor=rope_factor,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2",
-        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        init_method_std=float(hf.get("initializer_range", 0.02)),
-    )
+    sizes = {name: _integer(hf, name, required=True) for name in REQUIRED_SIZES}
+    optional = {name: _integer(hf, name, required=False) for name in OPTIONAL_SIZES}
+    heads = sizes["num_attention_heads"]
+    try:
+        model = ModelConfig(
+            num_layers=sizes["num_hidden_layers"],
+            hidden_size=sizes["hidden_size"],
+            ffn_hidden_size=sizes["intermediate_size"],
+            num_attention_heads=heads,
+            vocab_size=sizes["vocab_size"],
+            num_query_groups=optional["num_key_value_heads"] or heads,
+            kv_channels=optional["head_dim"] or sizes["hidden_size"] // heads,
+            max_position_embeddings=optional["max_position_embeddings"] or 4096,
+            norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+            rotary_base=theta,
+            rope_scaling_factor=rope_factor,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2",
+            sliding_window=optional["sliding_window"] if arch == "mistral" else None,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            init_method_std=float(hf.get("initializer_range", 0.02)),
+        )
+    except ValueError as err:  # ModelConfig's own checks (e.g. heads not a multiple of key/value heads)
+        raise ConversionError(f"config.json: {err}") from None
+    return model
 
 
 def hf_config_from_model(model: ModelConfig, dtype: str) -> dict[str, Any]:

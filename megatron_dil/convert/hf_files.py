@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-                   "chat_template.json")
+                   "chat_template.json", "generation_config.json")  # the last: kept with the tokenizer, for export
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old Llama checkpoints saved
 
 
@@ -56,7 +56,11 @@ class HFWeights:
                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index = self.dir / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+                    raise ConversionError(f"{index} is not a valid weight index (no readable 'weight_map': "
+                                          f"{type(err).__name__}: {err}); re-download it") from None
                 files = sorted(set(weight_map.values()))
                 missing = [f for f in files if not (self.dir / f).is_file()]
                 if missing:
@@ -73,12 +77,17 @@ class HFWeights:
     def _open(self, path: Path):
         if path not in self._handles:
             if path.suffix == ".safetensors":
-                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                try:
+                    self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                except Exception as err:  # noqa: BLE001 - SafetensorError (truncated, not safetensors) or OSError
+                    raise ConversionError(f"{path} is not a readable safetensors file ({err}): damaged or "
+                                          f"truncated; re-download it") from None
             else:
                 try:
                     self._handles[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
                 except Exception as err:  # noqa: BLE001 - any unpickling failure: name the file
-                    raise ConversionError(f"cannot read {path}: {err}") from None
+                    raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({err}): damaged or "
+                                          f"truncated; re-download it") from None
         return self._handles[path]
 
     def __enter__(self) -> "HFWeights":

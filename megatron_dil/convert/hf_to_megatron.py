@@ -23,7 +23,7 @@ from megatron_dil.convert.hf_config import ConversionError, model_config_from_hf
 from megatron_dil.convert.hf_files import HFWeights, dtype_name, parse_dtype
 from megatron_dil.convert.sharding import (TensorParallelLayout, hf_shapes, hf_tensor, megatron_keys,
                                            megatron_shard, validate_pipeline)
-from megatron_dil.io import publish
+from megatron_dil.io import IntegrityError, publish
 
 
 @dataclass
@@ -100,7 +100,10 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         reader, source_dtype, closer = _MegatronAsHF(ckpt), parse_dtype(ckpt.manifest.dtype), None
     else:
         hf_config = read_hf_config(source)
-        model = model_config_from_hf(hf_config, make_vocab_size_divisible_by or 128)
+        try:
+            model = model_config_from_hf(hf_config, make_vocab_size_divisible_by or 128)
+        except ConversionError as err:  # its messages start with "config.json": name the file in full
+            raise ConversionError(f"{source}/{err}") from None
         weights = HFWeights(source)
         source_dtype = _check_hf_weights(weights, hf_shapes(model), model.tie_embeddings)
         reader, tokenizer_dir, closer = weights, source, weights
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = hf_to_megatron(args.source, args.output, args.tensor_parallel, args.pipeline_parallel,
                                  dtype=args.dtype, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                                  progress=not args.no_progress)
-    except ConversionError as err:
+    except (ConversionError, IntegrityError) as err:
         print(f"megatron-dil-hf-to-megatron: error: {err}", file=sys.stderr)
         return 1
     print(summary)

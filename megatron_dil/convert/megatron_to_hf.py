@@ -2,7 +2,8 @@
 
 Each HF tensor is rebuilt from the TP shards (padding rows stripped) one at a time and written into sharded
 safetensors; the config is the source ``config.json`` when the checkpoint still matches it, else one generated from
-``model_config.yaml``. The output appears only when complete.
+``model_config.yaml``. Special token ids missing from the config (always, for a run started from a preset) come from
+the checkpoint's tokenizer and also go to ``generation_config.json``. The output appears only when complete.
 """
 from __future__ import annotations
 
@@ -16,12 +17,38 @@ import torch
 from tqdm import tqdm
 
 from megatron_dil.convert.checkpoint import MegatronCheckpoint
-from megatron_dil.io import publish
+from megatron_dil.io import IntegrityError, publish
 from megatron_dil.convert.hf_config import ConversionError, hf_config_from_model, model_config_from_hf, same_architecture
-from megatron_dil.convert.hf_files import copy_tokenizer, dtype_name, parse_dtype, write_sharded_safetensors
+from megatron_dil.convert.hf_files import (TOKENIZER_FILES, copy_tokenizer, dtype_name, parse_dtype,
+                                           write_sharded_safetensors)
 from megatron_dil.convert.sharding import hf_keys, hf_tensor
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """bos/eos/pad token ids of the checkpoint's tokenizer (none without one)."""
+    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
+        return {}
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (ValueError, OSError) as err:
+        raise ConversionError(f"cannot read the checkpoint's tokenizer {tokenizer_dir}: {err}") from None
+    ids = {field: getattr(tok, field) for field in TOKEN_ID_FIELDS}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def write_generation_config(path: Path, config: dict) -> None:
+    """``generation_config.json`` with the model's special token ids: the source's (copied with the tokenizer) with
+    missing ids filled in, or a new one. Without ``eos_token_id`` there, ``generate()`` never stops at EOS."""
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    for field in TOKEN_ID_FIELDS:
+        if generation.get(field) is None and config.get(field) is not None:
+            generation[field] = config[field]
+    path.write_text(json.dumps(generation, indent=2))
 
 
 def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None = None,
@@ -43,8 +70,10 @@ def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None =
     else:
         config = hf_config_from_model(ckpt.model, dtype_name(out_dtype))
         if stored is not None:
-            config = {**{k: stored[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in stored},
-                      **config}
+            config = {**{k: stored[k] for k in TOKEN_ID_FIELDS if k in stored}, **config}
+    for field, value in special_token_ids(Path(path) / "tokenizer").items():
+        if config.get(field) is None:  # e.g. a run started from a preset: no HF config to inherit them from
+            config[field] = value
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -55,6 +84,7 @@ def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None =
         weight_map = write_sharded_safetensors(partial, tensors, max_shard_bytes)
         (partial / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer(Path(path) / "tokenizer", partial)
+        write_generation_config(partial / "generation_config.json", config)
         publish(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -83,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weight_map = megatron_to_hf(args.source, args.output, dtype=args.dtype,
                                     max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress)
-    except ConversionError as err:
+    except (ConversionError, IntegrityError) as err:
         print(f"megatron-dil-megatron-to-hf: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}: {len(weight_map)} tensors in {len(set(weight_map.values()))} safetensors files")

@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megatron_dil.models.attention import SlidingWindowDotProductAttention, attention_window
 from megatron_dil.models.config import ModelConfig
 
 
@@ -31,8 +32,8 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
     bf16, fp16 = params_dtype == torch.bfloat16, params_dtype == torch.float16
     on_cpu = not torch.cuda.is_available()
     extra = {}
-    if model.sliding_window is not None and transformer_engine_available():
-        extra["window_size"] = (model.sliding_window, 0)
+    if model.sliding_window is not None:
+        extra["window_size"] = attention_window(model.sliding_window)
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return TransformerConfig(
@@ -89,9 +90,6 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
     if sequence_parallel and not transformer_engine_available():
         raise ValueError("sequence_parallel needs Transformer Engine (GPU): the local layer spec's torch norms do not "
                          "support it")
-    if model.sliding_window is not None and not transformer_engine_available() and max_len > model.sliding_window:
-        raise ValueError(f"sliding_window={model.sliding_window} needs Transformer Engine; without it keep "
-                         f"sequences within the window (max length {max_len})")
     config = transformer_config(model, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
                                 recompute=recompute)
     if transformer_engine_available():
@@ -100,6 +98,8 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if model.sliding_window is not None:
+            layer_spec.submodules.self_attention.submodules.core_attention = SlidingWindowDotProductAttention
     vocab = model.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
@@ -115,7 +115,7 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
             parallel_output=True,
             share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(model.rotary_base),
+            rotary_base=model.rotary_base,  # float: a non-integer rope_theta is kept exactly
             rope_scaling=model.rope_scaling_factor is not None,
             rope_scaling_factor=model.rope_scaling_factor or 8.0,
             vp_stage=stage,

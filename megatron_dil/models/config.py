@@ -28,7 +28,7 @@ class ModelConfig:
     rope_scaling_factor: float | None = None  # Llama-3.x RoPE scaling (low 1, high 4, original 8192) when set
     tie_embeddings: bool = False
     qkv_bias: bool = False
-    sliding_window: int | None = None  # Mistral; needs Transformer Engine unless sequences fit in the window
+    sliding_window: int | None = None  # Mistral: a query attends to this many keys, itself included (as HF)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     attention_dropout: float = 0.0

@@ -61,13 +61,15 @@ class TrainConfig:
 class ReferenceConfig:
     """Where reference log-probs come from (reference-free losses such as SimPO/CPO/ORPO/SFT use none).
 
-    ``precompute``: one forward pass of the frozen initial weights over the train/valid sets before training, stored
-    beside each dataset (``PREFIX.reference_logps.npz``) and reused by later runs and losses while model, tokenizer and
-    data are unchanged; a stale cache is refused. ``model``: a co-resident frozen copy run every step.
+    ``precompute``: one forward pass of the frozen initial weights over the train/valid sets before training, cached
+    per dataset under a key of its content, the model's and the precision (``NAME.reference_logps.KEY.npz``, see
+    ``training/reference.py``) and reused by later runs and losses; caches of different models coexist; a damaged
+    cache is refused. ``model``: a co-resident frozen copy run every step.
     """
 
     mode: str = "precompute"  # precompute | model
-    recompute: bool = False  # overwrite an existing (or stale) cache instead of refusing it
+    recompute: bool = False  # recompute and overwrite the cache (the remedy for a damaged one)
+    cache_dir: str | None = None  # where caches go; None = beside each dataset (must then be writable)
 
     def __post_init__(self) -> None:
         if self.mode not in ("precompute", "model"):

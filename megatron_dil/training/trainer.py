@@ -115,7 +115,7 @@ class Trainer:
             if dataset is not None:
                 self.tables[name] = reference_table(
                     self.policy, dataset, self.collator, self.setup, model_id, str(params_dtype(self.run.train)),
-                    self.run.train.micro_batch_size, self.run.reference.recompute, self.device, self.monitor.log)
+                    self.run.train.micro_batch_size, self.run.reference, self.device, self.monitor.log)
 
     def reference_for(self, split: str, batches: list[PreferenceBatch]) -> ReferenceFn:
         if not self.loss.needs_reference:
