@@ -8,7 +8,8 @@ and rejected. Its name carries a key of everything the values depend on, so cach
 
 KEY = BLAKE2b of the identity: the model (a converted checkpoint's shard digests from its manifest and its
 model_config.yaml; for random init the seed, layout and architecture), the dataset (its metadata with the tokenizer
-fingerprint, and the BLAKE2b digests of its ``.idx`` and ``.bin``), the vocabulary size and the precision. Sums and
+fingerprint and the BLAKE2b digests of its ``.idx`` and ``.bin`` recorded at write time, which the dataset reader has
+verified against the files), the vocabulary size and the precision. Sums and
 counts are loss-independent: every reference-based loss reuses them. The file also records its identity, row count
 and a BLAKE2b checksum of the values, checked on every read: a damaged, truncated, short or edited cache is refused
 with one line naming it and the remedy (``reference.recompute=true``), never used. Caches are written by rank 0
@@ -33,7 +34,7 @@ from megatron.core import parallel_state
 
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.dataset import BlendedPreferenceDataset, PreferenceDataset
-from megatron_dil.io import file_digest, publish
+from megatron_dil.io import publish
 from megatron_dil.losses import PairLogProbs
 from megatron_dil.ops.logprobs import SequenceLogProbs
 from megatron_dil.training.config import ReferenceConfig
@@ -85,9 +86,7 @@ def model_identity(init_checkpoint: str | None, model_config: dict[str, Any], se
 def cache_identity(model_id: dict[str, Any], dataset: PreferenceDataset, setup: LogProbSetup,
                    precision: str) -> dict[str, Any]:
     """Everything the cached values depend on (content digests, not file names or times)."""
-    data = {"metadata": dataset.metadata, "idx": file_digest(dataset.prefix + ".idx"),
-            "bin": file_digest(dataset.prefix + ".bin")}
-    return {"model": model_id, "dataset": data, "vocab_size": setup.vocab_size, "precision": precision}
+    return {"model": model_id, "dataset": dataset.metadata, "vocab_size": setup.vocab_size, "precision": precision}
 
 
 def cache_path(prefix: str, identity: dict[str, Any], cache_dir: str | None = None) -> str:
