@@ -59,6 +59,15 @@ def _stop_ids(tokenizer, stop: list[str]) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def generation_settings(cfg: GenerateConfig) -> dict:
+    """What determines the samples (a resumed run must match it); layout, batch size and output flags do not."""
+    settings = asdict(cfg)
+    for key in ("output", "overwrite", "progress", "batch_size", "tensor_parallel", "pipeline_parallel"):
+        settings.pop(key)
+    settings.update(checkpoint=str(Path(cfg.checkpoint).resolve()), prompts=str(Path(cfg.prompts).resolve()))
+    return settings
+
+
 class _Progress:
     """Samples done / total, tokens/s and ETA for this rank's share, at most every ``interval`` seconds."""
 
@@ -123,10 +132,7 @@ def run(cfg: GenerateConfig) -> int:
         dp_rank = parallel_state.get_data_parallel_rank()
         writes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                   and parallel_state.get_tensor_model_parallel_rank() == 0)
-        settings = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "prompts": str(Path(cfg.prompts).resolve()),
-                    "num_prompts": len(prompt_set.prompts), "n": cfg.n, "max_new_tokens": cfg.max_new_tokens,
-                    "stop": list(limits.stop_ids), "sampling": asdict(cfg.sampling), "template": cfg.template,
-                    "prompt_column": cfg.prompt_column}
+        settings = generation_settings(cfg)
         if rank == 0:
             print(f"{PROG}: {prompt_set.summary()} × {cfg.n} samples | TP={tp} PP={pp} DP={dp} | "
                   f"{source.path}", file=sys.stderr, flush=True)
