@@ -119,6 +119,18 @@ def _all_on_four_ranks(rank: int, world_size: int, checkpoints: dict, cli: dict)
         part.write_text("".join(lines[5:15]) + lines[15][:30])
     dist.barrier()
     out["resumed_rows"] = run(resumed)
+
+    from megatron_dil.data.tokenizer import load_tokenizer
+    from megatron_dil.generation.evaluator import GenerationEvalConfig, GenerationEvaluator
+
+    model, model_cfg = load("llama", 2, 1)  # DP=2: the prompts are split and gathered back
+    evaluator = GenerationEvaluator(
+        GenerationEvalConfig(interval=5, prompts=resumed.prompts, max_prompts=10, max_new_tokens=6, batch_size=4,
+                             verifier="tiny_sort", samples_shown=10),
+        load_tokenizer(str(Path(cli["root"]) / "llama")), window=64, vocab_size=model_cfg.vocab_size)
+    out["should_run"] = [evaluator.should_run(step) for step in range(11)]
+    out["evaluation"] = evaluator.run(10, [model])
+    parallel_state.destroy_model_parallel()
     return out
 
 
@@ -310,3 +322,40 @@ def test_bad_input_ends_in_one_line(models, tmp_path, capsys):
     out.write_text("")
     err = _error_line(capsys, ["--checkpoint", llama, "--prompts", str(prompts), "--output", str(out)])
     assert "--output" in err and "--overwrite" in err
+
+
+def test_tiny_sort_verifier():
+    from megatron_dil.generation.verifier import tiny_sort
+
+    chat = [{"role": "user", "content": "sort descending : 7 8 2 8"}]
+    assert tiny_sort("sort ascending : 7 8 2 8", "2 7 8 8") == 1.0
+    assert tiny_sort(chat, "8 8 7 2") == 1.0
+    assert tiny_sort(chat, "2 7 8 8") == 0.0  # the other order
+    assert tiny_sort(chat, "8 8 7 2 2") == 0.0  # an extra digit
+    assert tiny_sort(chat, "8 7 2") == 0.0  # a dropped duplicate
+    assert tiny_sort("<s> <|user|> sort ascending : 3 1 2 <|end|> <|assistant|>", "1 2 3") == 1.0  # decoded prompt
+    assert tiny_sort("what is 2 + 2", "4") is None
+
+
+def test_generation_evaluator_scores_greedy_completions(models, four_ranks):
+    from megatron_dil.data.tokenizer import load_tokenizer
+    from megatron_dil.generation.prompts import load_prompts
+    from megatron_dil.generation.verifier import tiny_sort
+
+    results, _ = four_ranks
+    assert results[0]["should_run"] == [s % 5 == 0 for s in range(11)]
+    evaluations = [r["evaluation"] for r in results]
+    assert [e is None for e in evaluations] == [False] * 4  # PP=1: every rank is a last stage
+    tokenizer = load_tokenizer(str(models["root"] / "llama"))
+    prompts = load_prompts(str(models["root"] / "prompts.jsonl"), tokenizer, window=64, limit=10).prompts
+    hf = models["hf"]["llama"]
+    expected = []
+    for prompt in prompts:
+        ids = hf_greedy(hf, prompt.ids, tokenizer.eos_id)[:6]
+        text = tokenizer.decode(ids[:-1] if ids[-1] == tokenizer.eos_id else ids)
+        expected.append({"prompt": prompt.source, "completion": text, "score": tiny_sort(prompt.source, text)})
+    for evaluation in evaluations:
+        assert evaluation.step == 10 and evaluation.num_prompts == 10 and evaluation.scored == 10
+        assert evaluation.samples == expected
+        assert evaluation.correct == sum(e["score"] for e in expected)
+        assert "generate @ step 10: 10 prompts | verifier" in evaluation.summary()

@@ -21,6 +21,7 @@ silence_expected_warnings()  # before Megatron-Core is imported (it warns at imp
 
 from megatron_dil.generation.model import GenerationInputError  # noqa: E402
 from megatron_dil.generation.sampler import SamplingConfig  # noqa: E402
+from megatron_dil.generation.verifier import VERIFIERS  # noqa: E402
 
 PROG = "megatron-dil-generate"
 
@@ -44,6 +45,8 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     dtype: str = "auto"
+    verifier: str | None = None  # adds a "score" per row and prints the total (e.g. tiny_sort)
+    show: int = 0  # samples printed at the end
     overwrite: bool = False
     progress: bool = True
 
@@ -62,7 +65,7 @@ def _stop_ids(tokenizer, stop: list[str]) -> tuple[int, ...]:
 def generation_settings(cfg: GenerateConfig) -> dict:
     """What determines the samples (a resumed run must match it); layout, batch size and output flags do not."""
     settings = asdict(cfg)
-    for key in ("output", "overwrite", "progress", "batch_size", "tensor_parallel", "pipeline_parallel"):
+    for key in ("output", "overwrite", "progress", "batch_size", "tensor_parallel", "pipeline_parallel", "show"):
         settings.pop(key)
     settings.update(checkpoint=str(Path(cfg.checkpoint).resolve()), prompts=str(Path(cfg.prompts).resolve()))
     return settings
@@ -101,6 +104,7 @@ def run(cfg: GenerateConfig) -> int:
     from megatron_dil.generation.engine import generate
     from megatron_dil.generation.model import load_weights, resolve_checkpoint, resolve_tokenizer
     from megatron_dil.generation.prompts import load_prompts
+    from megatron_dil.generation.verifier import get_verifier
     from megatron_dil.models.builder import build_model
     from megatron_dil.runtime.distributed import ParallelConfig, initialize, shutdown
 
@@ -109,6 +113,7 @@ def run(cfg: GenerateConfig) -> int:
         raise GenerationInputError(f"--output {output} already exists; remove it or pass --overwrite")
     if cfg.n < 1:
         raise GenerationInputError(f"--n must be >= 1, got {cfg.n}")
+    verifier = get_verifier(cfg.verifier) if cfg.verifier else None
     source = resolve_checkpoint(cfg.checkpoint)
     tokenizer = resolve_tokenizer(source, cfg.tokenizer)
     window = source.model.max_position_embeddings
@@ -162,11 +167,12 @@ def run(cfg: GenerateConfig) -> int:
                 text_ids = completion.token_ids
                 if completion.finish_reason != "length" and text_ids and text_ids[-1] in eos_or_stop:
                     text_ids = text_ids[:-1]
+                prompt, text = prompts[request.prompt_index].source, tokenizer.decode(text_ids)
                 rows.append({"prompt_index": request.prompt_index, "sample_index": request.sample_index,
-                             "prompt": prompts[request.prompt_index].source,
-                             "completion": tokenizer.decode(text_ids),
-                             "completion_token_ids": completion.token_ids, "logprobs": completion.logprobs,
-                             "finish_reason": completion.finish_reason})
+                             "prompt": prompt, "completion": text, "completion_token_ids": completion.token_ids,
+                             "logprobs": completion.logprobs, "finish_reason": completion.finish_reason})
+                if verifier is not None:
+                    rows[-1]["score"] = verifier(prompt, text)
             part.write(rows)
             progress.update(len(rows), sum(len(c.token_ids) for c in completions))
 
@@ -178,6 +184,7 @@ def run(cfg: GenerateConfig) -> int:
         if rank == 0:
             count[0] = writer.finalize(output, len(prompt_set.prompts) * cfg.n)
             print(f"{PROG}: wrote {int(count[0])} samples to {output}", file=sys.stderr, flush=True)
+            _report(output, cfg)
         dist.broadcast(count, src=0)
         return int(count[0])
     finally:
@@ -185,6 +192,23 @@ def run(cfg: GenerateConfig) -> int:
             shutdown()
         else:
             parallel_state.destroy_model_parallel()
+
+
+def _report(output: Path, cfg: GenerateConfig) -> None:
+    """The verifier's total and the first ``cfg.show`` samples, on stdout."""
+    import json
+
+    if not cfg.verifier and not cfg.show:
+        return
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    if cfg.verifier:
+        scores = [r["score"] for r in rows if r.get("score") is not None]
+        print(f"verifier {cfg.verifier}: {sum(scores):g}/{len(scores)} correct"
+              + (f" ({100 * sum(scores) / len(scores):.1f}%)" if scores else ""), flush=True)
+    for row in rows[:cfg.show]:
+        prompt = row["prompt"][-1]["content"] if isinstance(row["prompt"], list) else row["prompt"]
+        score = f"  [{row['score']:g}]" if row.get("score") is not None else ""
+        print(f"  {prompt!r} -> {row['completion']!r}{score}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", nargs="*", default=[], help="extra single-token stop strings (EOS always stops)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--verifier", choices=sorted(VERIFIERS),
+                   help="score each sample (adds a score field) and print the total")
+    p.add_argument("--show", type=int, default=0, help="print the first N samples at the end")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
