@@ -4,7 +4,8 @@ Rows are read by the preprocessor's reader and tokenized as preprocessing tokeni
 is plain text (``[BOS if the tokenizer adds one] + ids(prompt)``); a TRL message list is rendered with the chat
 template (``add_generation_prompt``) and tokenized with no special token added (repeated leading BOS collapsed).
 A row without a usable prompt is skipped and counted per reason (as in preprocessing). An indexed dataset prefix
-(``PREFIX.{bin,idx,json}`` from ``megatron-dil-preprocess``) gives the prompts of its pairs, each distinct prompt once.
+(``PREFIX.{bin,idx,json}`` from ``megatron-dil-preprocess``) gives the prompts of its pairs, each distinct prompt once
+(its ``prompt`` in the output is the decoded text without special tokens).
 """
 from __future__ import annotations
 
@@ -117,5 +118,6 @@ def _dataset_prompts(prefix: str, tokenizer: PreferenceTokenizer, window: int, l
         if len(ids) >= window:
             raise GenerationInputError(f"{prefix}: pair {i}: prompt of {len(ids)} tokens does not fit the model's "
                                        f"window of {window} positions with room to generate")
-        result.prompts.append(Prompt(len(result.prompts), tokenizer.decode(list(ids)), list(ids)))
+        result.prompts.append(Prompt(len(result.prompts), tokenizer.decode(list(ids), skip_special_tokens=True),
+                                     list(ids)))
     return result
