@@ -100,10 +100,12 @@ def _stage_forward(model: GPTModel, tokens: torch.Tensor, start: int, context: S
 
 @torch.no_grad()
 def decode(model: GPTModel, requests: list[DecodeRequest], sampling: SamplingConfig, limits: DecodeLimits,
-           vocab_size: int) -> list[Completion] | None:
+           vocab_size: int, context: StaticInferenceContext | None = None) -> list[Completion] | None:
     """Generate for ``requests`` on this model-parallel group (every rank of it passes the same requests).
 
     Returns the completions on the last pipeline stage (every TP rank of it holds identical ones), None elsewhere.
+    ``context``: a KV cache to (re)use, sized for ``len(requests)`` rows × the longest prompt + ``max_new_tokens``
+    (default: a new one of exactly that size); its ``key_value_memory_dict`` holds the cache afterwards.
     """
     model.eval()
     device = _device()
@@ -129,7 +131,12 @@ def decode(model: GPTModel, requests: list[DecodeRequest], sampling: SamplingCon
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     config = model.config
-    context = StaticInferenceContext(b, total)
+    if context is None:
+        context = StaticInferenceContext(b, total)
+    elif context.max_batch_size != b or context.max_sequence_length < total:
+        raise ValueError(f"the KV cache holds {context.max_batch_size} rows × {context.max_sequence_length} positions; "
+                         f"this batch needs {b} × {total}")
+    context.reset()
 
     start, position = 0, int(lengths.min())
     while position < total:
