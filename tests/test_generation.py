@@ -111,6 +111,28 @@ def _all_on_four_ranks(rank: int, world_size: int, checkpoints: dict, cli: dict)
 
     for key, (tp, pp) in (("dp4", (1, 1)), ("dp1", (2, 2)), ("dp2", (2, 1))):
         run(cli_config(cli, Path(cli["outputs"]) / f"{key}.jsonl", tp, pp))
+
+    # a training run's checkpoints/iter_N (no final/ yet): the run directory resolves to it
+    model, _ = load("llama", 1, 1)
+    run_dir = Path(cli["root"]) / "train_run"
+    if rank == 0:
+        from megatron_dil.config import from_dict, save_config
+        from megatron_dil.training.config import RunConfig
+
+        iteration = run_dir / "checkpoints" / "iter_0000003"
+        iteration.mkdir(parents=True)
+        save_config(from_dict(RunConfig, {"output_dir": str(run_dir), "init": {"checkpoint": checkpoints["llama"][1]},
+                                          "data": {"train": ["unused"], "tokenizer": str(Path(cli["root"]) / "llama")}}),
+                    run_dir / "config.yaml")
+        torch.save({"model": [model.state_dict()], "scheduler": {}}, iteration / "model_tp00_pp000.pt")
+        (iteration / "state.json").write_text(json.dumps(
+            {"iteration": 3, "layout": {"tensor": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 4}}))
+        (run_dir / "checkpoints" / "latest").write_text("iter_0000003")
+    parallel_state.destroy_model_parallel()
+    dist.barrier()
+    from_run = cli_config(cli, Path(cli["outputs"]) / "iter.jsonl", 1, 1)
+    from_run.checkpoint = str(run_dir)
+    run(from_run)
     resumed = cli_config(cli, Path(cli["outputs"]) / "resumed.jsonl", 2, 1)
     if rank == 0:  # an interrupted 8-rank run left 10 samples and a cut line
         writer.prepare(Path(resumed.output), generation_settings(resumed))
@@ -235,18 +257,18 @@ def test_sampled_first_tokens_follow_the_filtered_softmax_and_agree_over_tp(mode
     assert chi_square_p_value(unfiltered, _filtered_probs(logits, 1.0)) < 1e-6
 
 
-def test_same_seed_same_samples_at_any_dp_size_and_after_resume(models, four_ranks):
+def test_same_seed_same_samples_at_any_dp_size_after_resume_and_from_a_training_checkpoint(models, four_ranks):
     from megatron_dil.data.tokenizer import load_tokenizer
     from megatron_dil.generation.prompts import tokenize_prompt
     from megatron_dil.data.templates import resolve_template
 
     results, outputs = four_ranks
     rows = {key: [json.loads(line) for line in (outputs / f"{key}.jsonl").read_text().splitlines()]
-            for key in ("dp4", "dp1", "dp2", "resumed")}
+            for key in ("dp4", "dp1", "dp2", "resumed", "iter")}
     assert results[0]["resumed_rows"] == 36 and not list(outputs.glob("*.partial"))
     assert [(r["prompt_index"], r["sample_index"]) for r in rows["dp1"]] == [(p, s) for p in range(12)
                                                                              for s in range(3)]
-    for key in ("dp4", "dp2", "resumed"):
+    for key in ("dp4", "dp2", "resumed", "iter"):  # iter: the same weights from a training checkpoint
         for mine, reference in zip(rows[key], rows["dp1"], strict=True):
             assert mine["completion_token_ids"] == reference["completion_token_ids"], key
             assert mine["completion"] == reference["completion"] and mine["prompt"] == reference["prompt"]
