@@ -3,7 +3,7 @@
 One process, same converted model (a random Llama shape, fp32), same prompts (a batch of equal-length random ids, so
 neither side pads), greedy, EOS disabled so both generate exactly ``--new-tokens`` per row; the token ids are checked
 equal. Reported: time to first token (a 1-new-token run: prefill + one choice), generated tokens/s of the whole run
-(batch × new tokens / seconds), each as the median of ``--repeats`` after a warm-up, and their ratio; and the KV
+(batch × new tokens / seconds), each as the median of ``--repeats`` (the two sides interleaved) after a warm-up, and their ratio; and the KV
 cache's allocated bytes (Megatron's static buffers, read after the run) against 2 · layers · batch · positions ·
 kv_heads · head_dim · bytes. This is the engine ``megatron-dil-generate`` runs per batch (its process start-up,
 prompt reading and output writing are not included).
@@ -83,20 +83,21 @@ def main() -> None:
             return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    def timed(fn, *fn_args) -> float:
-        fn(*fn_args)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            fn(*fn_args)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
+    sides = {"megatron_dil": ours, "transformers": theirs}
     same = [c.token_ids for c in ours(args.new_tokens)] == theirs(args.new_tokens)[:, args.prompt_length:].tolist()
+    theirs(1)  # warm-up of both sides done above and here
+    times: dict[str, dict[str, list[float]]] = {name: {"ttft_s": [], "total_s": []} for name in sides}
+    for _ in range(args.repeats):  # interleaved, so a change in machine load hits both sides alike
+        for name, fn in sides.items():
+            for key, new_tokens in (("ttft_s", 1), ("total_s", args.new_tokens)):
+                start = time.perf_counter()
+                fn(new_tokens)
+                times[name][key].append(time.perf_counter() - start)
     result = {"shape": vars(args), "parameters_m": model_cfg.num_parameters() / 1e6, "tokens_equal": same,
-              "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
-    for name, fn in (("megatron_dil", ours), ("transformers", theirs)):
-        result[name] = {"ttft_s": timed(fn, 1), "total_s": timed(fn, args.new_tokens)}
+              "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+              "load_average_1min": os.getloadavg()[0]}
+    for name in sides:
+        result[name] = {key: statistics.median(values) for key, values in times[name].items()}
         result[name]["tokens_per_s"] = args.batch * args.new_tokens / result[name]["total_s"]
     result["tokens_per_s_ratio"] = result["megatron_dil"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     result["ttft_ratio"] = result["megatron_dil"]["ttft_s"] / result["transformers"]["ttft_s"]
@@ -113,7 +114,7 @@ def main() -> None:
     m, t = result["megatron_dil"], result["transformers"]
     print(f"model {result['parameters_m']:.1f}M params ({args.layers} L, hidden {args.hidden}, vocab {args.vocab}), "
           f"batch {args.batch} × prompt {args.prompt_length} + {args.new_tokens} new, greedy fp32, "
-          f"{result['torch_threads']} threads; tokens equal: {same}")
+          f"{result['torch_threads']} threads; tokens equal: {same}; load average {result['load_average_1min']:.1f}")
     print(f"generated tokens/s: megatron_dil {m['tokens_per_s']:.1f}, transformers {t['tokens_per_s']:.1f} "
           f"-> ratio {result['tokens_per_s_ratio']:.2f}")
     print(f"time to first token: megatron_dil {m['ttft_s'] * 1e3:.1f} ms, transformers {t['ttft_s'] * 1e3:.1f} ms "
