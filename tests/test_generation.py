@@ -381,3 +381,19 @@ def test_generation_evaluator_scores_greedy_completions(models, four_ranks):
         assert evaluation.samples == expected
         assert evaluation.correct == sum(e["score"] for e in expected)
         assert "generate @ step 10: 10 prompts | verifier" in evaluation.summary()
+
+
+def test_quickstart_pipeline_configs():
+    """The quick start's two stages are valid run configs chained through runs/tiny_sft/final, and its script parses."""
+    import subprocess
+
+    from megatron_dil.config import load_config
+    from megatron_dil.training.config import RunConfig
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sft = load_config(RunConfig, examples / "tiny" / "sft.yaml")
+    dil = load_config(RunConfig, examples / "tiny" / "dil_lsif_sft.yaml")
+    assert sft.loss.name == "sft" and sft.model is not None
+    assert dil.loss.name == "dil_lsif" and dil.init.checkpoint == f"{sft.output_dir}/final"
+    assert dil.data == sft.data and dil.output_dir != sft.output_dir
+    assert subprocess.run(["bash", "-n", str(examples / "quickstart.sh")]).returncode == 0
