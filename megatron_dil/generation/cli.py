@@ -180,7 +180,7 @@ def run(cfg: GenerateConfig) -> int:
         if part is not None:
             part.close()
         dist.barrier()
-        count = torch.zeros(1, dtype=torch.long)
+        count = torch.zeros(1, dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")  # NCCL: GPU
         if rank == 0:
             count[0] = writer.finalize(output, len(prompt_set.prompts) * cfg.n)
             print(f"{PROG}: wrote {int(count[0])} samples to {output}", file=sys.stderr, flush=True)

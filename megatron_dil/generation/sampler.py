@@ -162,15 +162,17 @@ def choose_tokens(logits: Tensor, vocab_size: int, config: SamplingConfig, keys:
         if config.greedy:
             perturbed = scores
         else:
-            perturbed = scores.double() + gumbel_noise(keys, torch.arange(vocab_start, vocab_start + real))
+            ids = torch.arange(vocab_start, vocab_start + real, device=scores.device)
+            perturbed = scores.double() + gumbel_noise(keys, ids)
         if real:
             value, index = perturbed.max(dim=1)  # first maximum: the lowest id on ties
             best = torch.stack([value.double(), (index + vocab_start).double()], dim=1)
         else:
-            best = torch.tensor([[float("-inf"), -1.0]], dtype=torch.float64).expand(b, 2).contiguous()
+            best = torch.tensor([[float("-inf"), -1.0]], dtype=torch.float64, device=scores.device).expand(b, 2)
+            best = best.contiguous()
         gathered = _all_gather_rows(best, group).view(b, world, 2)  # rank-major: lower ranks own lower ids
         winner = gathered[:, :, 0].argmax(dim=1)
-        return gathered[torch.arange(b), winner, 1].long()
+        return gathered[torch.arange(b, device=scores.device), winner, 1].long()
 
     if config.top_k:
         values, ids = _global_top(scores, vocab_start, config.top_k, group)
