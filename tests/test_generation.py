@@ -17,7 +17,7 @@ from tests.test_convert_models import random_model
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (TP, PP) on 4 ranks: DP = 4 / (TP·PP)
 PROMPTS = {"llama": [[1, 9, 14, 23, 5, 11], [1, 7, 30], [1, 40, 41, 8, 17, 19, 4, 22, 6], [1, 12, 12]],
            "qwen2": [[150, 3, 77, 199, 8], [11, 120, 127], [5, 64, 128, 33, 98, 190, 45, 6]]}
-EOS = {"llama": 2, "qwen2": 7}
+EOS = {"llama": 41, "qwen2": 135}  # ids these random models do generate: some rows end with reason "eos"
 MAX_NEW = 8
 SAMPLING = [dict(temperature=1.5), dict(temperature=1.0, top_k=6), dict(temperature=0.8, top_p=0.7),
             dict(temperature=1.0, top_k=12, top_p=0.8)]
@@ -99,6 +99,11 @@ def _all_on_four_ranks(rank: int, world_size: int, checkpoints: dict, cli: dict)
                                    DecodeLimits(MAX_NEW, 64, (EOS[name],)), model_cfg.vocab_size, batch_size=3)
             out["greedy"][(name, tp, pp)] = None if completions is None else [
                 (c.token_ids, c.logprobs, c.finish_reason) for c in completions]
+            if (name, tp, pp) == ("llama", 2, 2):  # a stop token ends a row with reason "stop"
+                stopped = generate(model, requests[:1], SamplingConfig(temperature=0.0),
+                                   DecodeLimits(MAX_NEW, 64, (EOS[name],), (cli["stop_id"],)), model_cfg.vocab_size,
+                                   batch_size=1)
+                out["stopped"] = None if stopped is None else (stopped[0].token_ids, stopped[0].finish_reason)
             parallel_state.destroy_model_parallel()
 
     model, model_cfg = load("qwen2", 2, 1)
@@ -164,7 +169,9 @@ def four_ranks(models):
     (models["root"] / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     outputs = models["root"] / "cli"
     outputs.mkdir()
-    cli = {"checkpoints": models["checkpoints"], "root": models["root"], "outputs": str(outputs)}
+    greedy = hf_greedy(models["hf"]["llama"], PROMPTS["llama"][0], EOS["llama"])
+    cli = {"checkpoints": models["checkpoints"], "root": models["root"], "outputs": str(outputs),
+           "stop_id": greedy[2]}
     results = run_ranks(_all_on_four_ranks, 4, models["checkpoints"], cli)
     return results, outputs
 
@@ -201,6 +208,15 @@ def test_greedy_matches_transformers_at_every_layout_and_logprobs_match_a_full_f
                 assert torch.allclose(torch.tensor(logps, dtype=torch.float64), reference, atol=1e-5, rtol=0)
                 assert reason == ("eos" if tokens[-1] == EOS[name] else "length")
                 assert reason == "eos" or len(tokens) == MAX_NEW
+        assert {c[2] for c in last_stage[0]} == {"eos", "length"}  # both ways of ending are exercised
+
+
+def test_stop_token_ends_a_row(models, four_ranks):
+    results, _ = four_ranks
+    greedy = hf_greedy(models["hf"]["llama"], PROMPTS["llama"][0], EOS["llama"])
+    first = greedy.index(greedy[2])
+    stopped = [r["stopped"] for r in results if r["stopped"] is not None]
+    assert len(stopped) == 2 and all(s == (greedy[:first + 1], "stop") for s in stopped)
 
 
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
