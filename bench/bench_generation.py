@@ -94,7 +94,7 @@ def main() -> None:
                 fn(new_tokens)
                 times[name][key].append(time.perf_counter() - start)
     result = {"shape": vars(args), "parameters_m": model_cfg.num_parameters() / 1e6, "tokens_equal": same,
-              "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+              "torch_threads": torch.get_num_threads(), "transformers_version": transformers.__version__,
               "load_average_1min": os.getloadavg()[0]}
     for name in sides:
         result[name] = {key: statistics.median(values) for key, values in times[name].items()}
