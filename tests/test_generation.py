@@ -413,3 +413,34 @@ def test_quickstart_pipeline_configs():
     assert dil.loss.name == "dil_lsif" and dil.init.checkpoint == f"{sft.output_dir}/final"
     assert dil.data == sft.data and dil.output_dir != sft.output_dir
     assert subprocess.run(["bash", "-n", str(examples / "quickstart.sh")]).returncode == 0
+
+
+def test_prompts_from_an_indexed_dataset_and_from_rows_agree(tmp_path):
+    """An indexed preference dataset gives each distinct prompt once, with the ids preprocessing stored — the same
+    ids the JSONL rows tokenize to — and its decoded text is what the verifier reads."""
+    from megatron_dil.data.config import PreprocessConfig
+    from megatron_dil.data.dataset import PreferenceDataset
+    from megatron_dil.data.preprocess import preprocess_pairs
+    from megatron_dil.data.tiny_task import tiny_example_dir
+    from megatron_dil.data.tokenizer import load_tokenizer
+    from megatron_dil.generation.prompts import load_prompts
+    from megatron_dil.generation.verifier import tiny_sort
+
+    rows = Path(tiny_example_dir(), "pairs.jsonl").read_text().splitlines()[:20]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(rows + rows[:5]) + "\n")  # 5 prompts twice
+    tokenizer_dir = str(Path(tiny_example_dir(), "tokenizer"))
+    prefix = preprocess_pairs(PreprocessConfig(inputs=[str(pairs)], output_prefix=str(tmp_path / "d"),
+                                               tokenizer=tokenizer_dir, max_length=32, max_prompt_length=16,
+                                               valid_fraction=0.0, progress=False)).prefixes["train"]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    from_dataset = load_prompts(prefix, tokenizer, window=64).prompts
+    from_rows = load_prompts(str(pairs), tokenizer, window=64, limit=20).prompts
+    dataset = PreferenceDataset(prefix)
+    assert len(dataset) == 25 and len(from_dataset) == 20
+    assert [p.ids for p in from_dataset] == [p.ids for p in from_rows] == [dataset[i].prompt.tolist()
+                                                                         for i in range(20)]
+    for prompt, row in zip(from_dataset, from_rows):
+        assert prompt.source == row.source[0]["content"]  # decoded without the template's special tokens
+        chosen = json.loads(rows[row.index])["chosen"][0]["content"]
+        assert tiny_sort(prompt.source, chosen) == 1.0
