@@ -181,11 +181,18 @@ def run(cfg: GenerateConfig) -> int:
             part.close()
         dist.barrier()
         count = torch.zeros(1, dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")  # NCCL: GPU
+        failure = None
         if rank == 0:
-            count[0] = writer.finalize(output, len(prompt_set.prompts) * cfg.n)
+            try:
+                count[0] = writer.finalize(output, len(prompt_set.prompts) * cfg.n)
+            except RuntimeError as err:  # every rank must leave, not wait in the broadcast
+                failure, count[0] = err, -1
+        dist.broadcast(count, src=0)
+        if failure is not None or int(count[0]) < 0:
+            raise failure or RuntimeError(f"rank 0 could not write {output}")
+        if rank == 0:
             print(f"{PROG}: wrote {int(count[0])} samples to {output}", file=sys.stderr, flush=True)
             _report(output, cfg)
-        dist.broadcast(count, src=0)
         return int(count[0])
     finally:
         if owns_process_group:
