@@ -112,7 +112,7 @@ def run(cfg: GenerateConfig) -> int:
     if output.exists() and not cfg.overwrite:
         raise GenerationInputError(f"--output {output} already exists; remove it or pass --overwrite")
     if cfg.n < 1:
-        raise GenerationInputError(f"--n must be >= 1, got {cfg.n}")
+        raise GenerationInputError(f"--num-samples must be >= 1, got {cfg.n}")
     verifier = get_verifier(cfg.verifier) if cfg.verifier else None
     source = resolve_checkpoint(cfg.checkpoint)
     tokenizer = resolve_tokenizer(source, cfg.tokenizer)
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-parallel", type=int, help="default: 1 (a training checkpoint's own)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples decoded together per DP rank")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--n", type=int, default=d.n, help="samples per prompt")
+    p.add_argument("--num-samples", dest="n", type=int, default=d.n,
+                   help="samples per prompt (not --n: torchrun would take it as an abbreviation of its own flags)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
