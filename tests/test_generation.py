@@ -444,3 +444,15 @@ def test_prompts_from_an_indexed_dataset_and_from_rows_agree(tmp_path):
         assert prompt.source == row.source[0]["content"]  # decoded without the template's special tokens
         chosen = json.loads(rows[row.index])["chosen"][0]["content"]
         assert tiny_sort(prompt.source, chosen) == 1.0
+
+
+def test_cli_flags_pass_through_torchrun():
+    """torchrun's parser (abbreviations allowed) would take a flag of ours that is a prefix of one of its own (as
+    `--n` was): none may be."""
+    from torch.distributed.run import get_args_parser
+
+    from megatron_dil.generation.cli import build_parser
+
+    theirs = [o for action in get_args_parser()._actions for o in action.option_strings if o.startswith("--")]
+    ours = [o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")]
+    assert [(o, t) for o in ours for t in theirs if t.startswith(o) and o != "--help"] == []
