@@ -1,10 +1,14 @@
 """Preference data pipeline: preprocessing to Megatron indexed datasets, reading, sampling, collating, blending."""
-from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
-from megatron_dil.data.config import DataConfig, PreprocessConfig
-from megatron_dil.data.dataset import BlendedPreferenceDataset, PreferenceDataset, PreferencePair
-from megatron_dil.data.loader import build_dataloader, build_datasets
-from megatron_dil.data.sampler import PreferenceSampler
-from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer
+from megatron_dil.runtime.cpu_compat import silence_expected_warnings
+
+silence_expected_warnings()  # megatron-dil-preprocess imports Megatron-Core through this package (import-time notices)
+
+from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator  # noqa: E402
+from megatron_dil.data.config import DataConfig, PreprocessConfig  # noqa: E402
+from megatron_dil.data.dataset import BlendedPreferenceDataset, PreferenceDataset, PreferencePair  # noqa: E402
+from megatron_dil.data.loader import build_dataloader, build_datasets  # noqa: E402
+from megatron_dil.data.sampler import PreferenceSampler  # noqa: E402
+from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer  # noqa: E402
 
 __all__ = [
     "BlendedPreferenceDataset", "DataConfig", "PreferenceBatch", "PreferenceCollator", "PreferenceDataset",

@@ -57,8 +57,10 @@ class PreferenceTokenizer:
                 ids.extend(self._backend.encode(piece, out_type=int))
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._backend.decode(list(ids))
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if self.kind == "hf":
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(list(ids))  # sentencepiece writes no control pieces
 
     def render_chat(self, messages: list[dict[str, str]], template: str, add_generation_prompt: bool) -> str:
         """Render ``messages`` with the jinja chat ``template`` (the same renderer transformers uses)."""
