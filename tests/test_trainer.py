@@ -276,7 +276,7 @@ def test_bad_runs_fail_with_a_clear_message(tiny):
     from megatron_dil.config import ConfigError, from_dict
     from megatron_dil.models.config import ModelConfig
     from megatron_dil.training.config import RunConfig
-    from megatron_dil.training.trainer import _check_compatible
+    from megatron_dil.training.preflight import check_compatible as _check_compatible
 
     with pytest.raises(ConfigError, match="set `model`"):
         from_dict(RunConfig, {"output_dir": "x"})
