@@ -66,7 +66,7 @@ class Monitor:
         self.peak_flops = peak_flops
         self.model, self.global_batch_size, self.log_interval = model, global_batch_size, log_interval
         self.started = self.step_started = time.perf_counter()
-        self.start_step: int | None = None
+        self.eta_from: int | None = None
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -101,10 +101,10 @@ class Monitor:
         """Print and record optimizer step ``step`` (1-based): loss metrics plus lr, grad norm, throughput, MFU."""
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step, self.started = step - 1, time.perf_counter() - scalars["step_seconds"]
+        if self.eta_from is None:
+            self.eta_from, self.started = step - 1, time.perf_counter() - scalars["step_seconds"]
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / (step - self.start_step) * (self.total_steps - step)
+        eta = elapsed / (step - self.eta_from) * (self.total_steps - step)
         shown = " | ".join(f"{k.split('/')[-1] if k != 'loss' else k} {metrics[k]:.4g}"
                            for k in self.SHOWN if k in metrics)
         self.log(f"step {step}/{self.total_steps} | {shown} | grad {scalars['grad_norm']:.3g} | lr "

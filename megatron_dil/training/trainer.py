@@ -194,13 +194,13 @@ class Trainer:
             return "train.exit_interval"
         return None
 
-    def _record_eval(self, state: TrainState, result: TrainResult) -> None:
+    def _record_eval(self, step: int) -> None:
         metrics = self.evaluate()
         if metrics:
-            result.evaluations.append({"step": state.iteration, **metrics})
-            self.monitor.log(f"eval @ step {state.iteration}: " + " | ".join(
+            self.result.evaluations.append({"step": step, **metrics})
+            self.monitor.log(f"eval @ step {step}: " + " | ".join(
                 f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins") if k in metrics))
-            self.monitor.scalars(state.iteration, {f"eval/{k}": v for k, v in metrics.items()})
+            self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
 
     def export(self) -> None:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
