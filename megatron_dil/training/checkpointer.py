@@ -50,8 +50,8 @@ class Checkpointer(Periodic):
         path, skipped, existing = find_resumable(self.root)
         if path is None and existing:
             raise IntegrityError(f"checkpoint.resume: none of the {existing} checkpoints in {self.root} can be "
-                                 f"resumed, e.g. {skipped[0]}. Delete them (or set checkpoint.resume=false) to start "
-                                 f"from step 0")
+                                 f"resumed: {' | '.join(skipped)}. Delete them (or set checkpoint.resume=false) to "
+                                 f"start from step 0")
         for reason in skipped:
             self.log(f"resume: skipped {reason}")
         if path is None:
