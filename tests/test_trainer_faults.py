@@ -106,8 +106,8 @@ def _train_with_faults(rank: int, world_size: int, run: dict, fail_save_at: str 
     saves, real_save = [], torch.save
 
     def save(obj, path, *args, **kwargs):
-        path = Path(path)
-        if path.parent.name.startswith("iter_"):
+        if isinstance(path, (str, Path)) and Path(path).parent.name.startswith("iter_"):
+            path = Path(path)
             saves.append(f"{path.parent.name.removesuffix('.partial')}/{path.name}")
             if fail_save_at and path.parent.name.startswith(fail_save_at) and rank == world_size - 1:
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -120,6 +120,8 @@ def _train_with_faults(rank: int, world_size: int, run: dict, fail_save_at: str 
             result = train(from_dict(RunConfig, run))
         except (ValueError, RuntimeError) as err:
             error = f"{type(err).__name__}: {err}"
+        finally:
+            torch.save = real_save
     return {"logs": console.getvalue(), "saves": saves, "error": error, "history": result.history,
             "iteration": result.state.iteration, "exit_reason": result.exit_reason}
 

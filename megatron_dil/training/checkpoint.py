@@ -75,8 +75,13 @@ def _optimizer_state(optimizer) -> list[dict]:
 
 
 def _load_optimizer_state(optimizer, saved: list[dict]) -> None:
+    """Adam state, main params and loss scaler from the checkpoint; the param groups' hyperparameters (``max_lr``,
+    ``min_lr``, weight decay, betas, ...) stay those of this run's config."""
     for megatron_optimizer, state in zip(_megatron_optimizers(optimizer), saved, strict=True):
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in megatron_optimizer.optimizer.param_groups]
         megatron_optimizer.optimizer.load_state_dict(state["inner"])
+        for group, values in zip(megatron_optimizer.optimizer.param_groups, configured, strict=True):
+            group.update(values)
         for param, value in zip(_main_params(megatron_optimizer), state["main_params"], strict=True):
             param.copy_(value)
         if state["grad_scaler"] is not None:
@@ -260,9 +265,9 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer, scheduler) -> tup
     blob = _load(path, _model_file())
     for chunk, state_dict in zip(chunks, blob["model"], strict=True):
         chunk.module.load_state_dict(state_dict)
-    scheduler.step(increment=blob["scheduler"]["num_steps"])
     own = _load(path, f"rank_{dist.get_rank():05d}.pt")
     _load_optimizer_state(optimizer, own["optimizer"])
+    scheduler.step(increment=blob["scheduler"]["num_steps"])  # sets each group's lr for the resumed step
     _set_rng_state(own["rng"])
     names = {f.name for f in fields(TrainState)}
     return TrainState(**{k: v for k, v in saved.items() if k in names}), saved.get("schedule", {})

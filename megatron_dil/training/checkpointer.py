@@ -1,10 +1,10 @@
 """The checkpointer: when to save (``save_interval``, the last step, before an early exit, never twice for one step)
 and what to resume from (the newest verified checkpoint, saying which and why newer ones were skipped).
 
-Resume semantics: model, optimizer, RNG and data position come from the checkpoint; the LR schedule (``train.lr``,
-``min_lr``, ``lr_schedule``, ``warmup_fraction``, ``train_iters``) comes from this run's config, continued at the
-checkpoint's step count (Megatron-LM's ``override_opt_param_scheduler``): changed keys are honoured and named in the
-log. A checkpoint directory that exists but cannot be verified is never silently replaced by a fresh start.
+Resume semantics: weights, optimizer state, RNG and data position come from the checkpoint; the LR schedule and the
+optimizer's hyperparameters (``SCHEDULE_KEYS`` of ``train``) come from this run's config, continued at the
+checkpoint's scheduler step count (Megatron-LM's ``override_opt_param_scheduler``): changed keys are honoured and
+named in the log. A checkpoint directory that exists but cannot be verified is never silently replaced by a fresh start.
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from megatron_dil.training.cadence import Periodic
 from megatron_dil.training.checkpoint import TrainState, find_resumable, load_checkpoint, save_checkpoint
 from megatron_dil.training.config import RunConfig
 
-SCHEDULE_KEYS = ("train_iters", "lr", "min_lr", "lr_schedule", "warmup_fraction")
+SCHEDULE_KEYS = ("train_iters", "lr", "min_lr", "lr_schedule", "warmup_fraction", "weight_decay", "adam_beta1",
+                 "adam_beta2", "adam_eps", "clip_grad")
 
 
 def schedule_of(run: RunConfig, train_iters: int) -> dict:
-    """The keys that shape the LR schedule, as recorded in each checkpoint (``train.train_iters`` resolved)."""
+    """The keys that shape the LR schedule and the optimizer update, as recorded in each checkpoint
+    (``train.train_iters`` resolved)."""
     return {f"train.{k}": train_iters if k == "train_iters" else getattr(run.train, k) for k in SCHEDULE_KEYS}
 
 
