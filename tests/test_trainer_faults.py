@@ -229,5 +229,6 @@ def test_nan_gradient_behind_a_finite_loss_is_skipped_and_never_saved(tiny):
     assert all(math.isfinite(h["grad_norm"]) for h in rest) and rest[-1]["skipped_steps"] == 1
     assert result["finite"]  # the skipped step left no NaN in the weights, so later steps and final/ are clean
     assert [r.split(":")[0] for r in result["refusals"]] == [
-        f"refusing to write checkpoint {out}/checkpoints/iter_0000003", f"refusing to write the final weights {out}/final"]
+        f"refusing to write checkpoint {out}/checkpoints/iter_0000003",
+        f"refusing to write the final weights {out}/final"]
     assert all("decoder.layers.0.mlp.linear_fc2.weight" in r and "hold NaN/inf" in r for r in result["refusals"])
