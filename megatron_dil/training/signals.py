@@ -38,6 +38,8 @@ class ExitSignal:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def any_rank_received(self) -> bool:
-        """Collective: whether any rank has received one of the signals (checked at each step boundary)."""
-        return bool(all_reduce_values([float(self.received is not None)], dist.ReduceOp.MAX)[0])
+    def any_rank_received(self) -> signal.Signals | None:
+        """Collective: the signal some rank has received (the highest number if several), else None; called at each
+        step boundary."""
+        number = int(all_reduce_values([float(self.received or 0)], dist.ReduceOp.MAX)[0])
+        return signal.Signals(number) if number else None

@@ -187,8 +187,8 @@ class Trainer:
         """Collective: why to leave after ``step`` before ``train_iters`` (a termination signal, exit_interval)."""
         if step >= self.train_iters:
             return None
-        if self.exit_signal.any_rank_received():
-            return f"{self.exit_signal.received.name if self.exit_signal.received else 'signal'} received"
+        if (received := self.exit_signal.any_rank_received()) is not None:
+            return f"{received.name} received"
         every = self.run.train.exit_interval
         if every and step % every == 0:
             return "train.exit_interval"
