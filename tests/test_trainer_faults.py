@@ -90,6 +90,34 @@ def test_preflight_refuses_bad_runs_before_any_model(tiny, tmp_path):
     assert checked.plan.train_iters == 3 and checked.plan.accumulation == 4
 
 
+def test_periodic_components_act_on_cadence_and_last_step_once():
+    from megatron_dil.training.cadence import Periodic
+
+    done = []
+    component = Periodic(interval=4, last_step=10, action=done.append)
+    for step in range(1, 11):
+        component.maybe_run(step)
+        if step == 8:
+            component.run(8)  # an exit save at a step already saved on cadence: no second save
+    component.run(10)  # the after-loop call of a run that ended normally
+    assert done == [4, 8, 10]
+    only_last = Periodic(interval=None, last_step=3, action=done.append)
+    assert [only_last.should_run(s) for s in (1, 2, 3)] == [False, False, True]
+
+
+def test_exit_signal_records_sigterm_instead_of_dying_and_restores_the_handler():
+    import os
+    import signal
+
+    from megatron_dil.training.signals import ExitSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with ExitSignal() as handler:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert handler.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def _train_with_faults(rank: int, world_size: int, run: dict, fail_save_at: str | None) -> dict:
     """Train, recording this rank's console lines, every checkpoint file it writes and the error it ends with;
     ``fail_save_at``: the last rank's writes into that checkpoint fail as on a full disk."""
