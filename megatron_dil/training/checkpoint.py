@@ -121,8 +121,10 @@ def check_finite_weights(chunks: list, what: str) -> None:
 
 
 def _save_error(root: Path, err: BaseException) -> str:
+    """One line for a failed write; torch.save reports a full disk as ``file write failed`` without an errno, so
+    (almost) no free space counts as a full disk too."""
     free = shutil.disk_usage(root).free / 2**20 if root.exists() else float("nan")
-    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or free < 64
     return (f"{type(err).__name__}: {' '.join(str(err).split())} ({'the disk is full: ' if full else ''}"
             f"{free:.0f} MiB free on {root})")
 
@@ -136,7 +138,7 @@ def _agree(root: Path, partial: Path, error: str | None, step: int) -> None:
         shutil.rmtree(partial, ignore_errors=True)
     previous = latest_name(root)
     raise CheckpointSaveError(f"saving the checkpoint of step {step} failed on {failed}; the previous checkpoint "
-                              f"({root / previous if previous else 'none'}) is intact: free space and run again to "
+                              f"({root / previous if previous else 'none'}) is intact: fix the cause and run again to "
                               f"resume from it")
 
 
