@@ -205,6 +205,7 @@ class Trainer:
     def export(self) -> None:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
         checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
+        check_finite_weights(self.policy, f"the final weights {Path(self.run.output_dir) / 'final'}")
         from megatron_dil.convert import MegatronCheckpoint, megatron_to_hf, save_megatron_checkpoint
         from megatron_dil.io import publish
 
@@ -213,7 +214,6 @@ class Trainer:
         tokenizer_dir = next((str(p) for p in ([Path(init) / "tokenizer"] if init else []) + [Path(self.run.data.tokenizer)]
                               if p.is_dir()), None)
         final = Path(self.run.output_dir) / "final"
-        check_finite_weights(self.policy, f"the final weights {final}")
         save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir, hf_config,
                                  source="megatron-dil-train")
         if self.run.checkpoint.export_hf and dist.get_rank() == 0:
