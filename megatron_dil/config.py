@@ -123,8 +123,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: required key is missing")
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as err:  # __post_init__ validation: name the section
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from err
+    except (ValueError, TypeError) as err:  # __post_init__ validation: name the key (or at least the section)
+        message = str(err)
+        if message.split(" ", 1)[0] in fields:  # "train_iters must be >= 1" -> "train.train_iters must be >= 1"
+            raise ConfigError(f"{prefix}.{message}" if prefix else message) from err
+        raise ConfigError(f"{prefix or cls.__name__}: {message}") from err
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

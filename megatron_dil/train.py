@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(run)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as err:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as err:
         if os.environ.get("MEGATRON_DIL_TRACEBACK"):
             raise
-        # Bad input (layout, data, tokenizer, checkpoint, stale reference cache, non-finite loss under `stop`):
-        # one line per failing rank instead of a traceback from every rank.
+        # Bad input (layout, data, tokenizer, damaged checkpoint, stale reference cache, non-finite steps, a full
+        # disk): one line per failing rank instead of a traceback from every rank.
         rank = os.environ.get("RANK", "0")
         print(f"megatron-dil-train: error on rank {rank}: {type(err).__name__}: {err} "
               f"(MEGATRON_DIL_TRACEBACK=1 shows the traceback)", file=sys.stderr)

@@ -12,43 +12,6 @@ import pytest
 
 from tests.distributed import run_ranks
 
-TINY_HF = dict(vocab_size=47, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-               tie_word_embeddings=False)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The bundled tiny task preprocessed, and one tiny HF Llama (random weights) converted at several layouts."""
-    import torch
-    import transformers
-
-    from megatron_dil.convert import hf_to_megatron
-    from megatron_dil.data.tiny_task import prepare_tiny_dataset
-
-    from megatron_dil.data.config import PreprocessConfig
-    from megatron_dil.data.preprocess import preprocess_pairs
-    from megatron_dil.data.tiny_task import TINY_MAX_LENGTH, TINY_MAX_PROMPT_LENGTH, tiny_example_dir
-
-    root = tmp_path_factory.mktemp("trainer")
-    full = prepare_tiny_dataset(str(root / "data" / "tiny"))
-    subset = root / "subset.jsonl"  # 480 pairs: enough for the short runs, cheap to precompute references for
-    lines = Path(tiny_example_dir(), "pairs.jsonl").read_text().splitlines()[:480]
-    subset.write_text("\n".join(lines) + "\n")
-    small = preprocess_pairs(PreprocessConfig(
-        inputs=[str(subset)], output_prefix=str(root / "data" / "small"), tokenizer=full["tokenizer"],
-        max_length=TINY_MAX_LENGTH, max_prompt_length=TINY_MAX_PROMPT_LENGTH, valid_fraction=0.15,
-        progress=False)).prefixes
-    data = dict(small, tokenizer=full["tokenizer"])
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HF, bos_token_id=1, eos_token_id=2))
-    hf.save_pretrained(root / "hf", safe_serialization=True)
-    checkpoints = {}
-    for tp in (1, 2):  # shards hold global layer indices: any PP / virtual-PP split loads them
-        checkpoints[tp] = str(root / f"ckpt_tp{tp}")
-        hf_to_megatron(root / "hf", checkpoints[tp], tensor_parallel=tp, pipeline_parallel=1, progress=False)
-    return {"root": root, "data": data, "full": full, "checkpoints": checkpoints}
-
 
 def run_dict(tiny, output_dir: Path, **sections) -> dict:
     """A run config (plain dict, picklable for spawned ranks) on the tiny task; ``sections`` update it."""
@@ -231,10 +194,10 @@ def test_blended_datasets_look_up_their_own_reference_logprobs(tiny):
     assert abs(first["dil/f_chosen"]) < 1e-6 and abs(first["dil/f_rejected"]) < 1e-6
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
+@pytest.mark.parametrize("policy", ["skip", "stop", "limit"])
 def test_nonfinite_losses_are_skipped_or_stop_with_the_step(tiny, policy):
     """A NaN in the reference cache makes the loss non-finite: `skip` counts and skips every step, `stop` raises
-    naming step 1."""
+    naming step 1, and `skip` stops once train.max_consecutive_skips steps in a row were skipped."""
     from megatron_dil.training.reference import ReferenceTable, write_cache
 
     data = tiny["root"] / f"nan_{policy}"
@@ -248,11 +211,18 @@ def test_nonfinite_losses_are_skipped_or_stop_with_the_step(tiny, policy):
         sums, counts, identity = cache["sums"].copy(), cache["counts"], json.loads(str(cache["identity"]))
     sums[:, 0] = np.nan
     write_cache(str(path), ReferenceTable(sums, counts), identity)  # a consistent cache holding NaNs
+    mode = "skip" if policy == "limit" else policy
     run = run_dict(tiny, tiny["root"] / f"nan_run_{policy}", **base,
-                   train={"train_iters": 2, "nonfinite_loss": policy})
+                   train={"train_iters": 3 if policy == "limit" else 2, "nonfinite_loss": mode,
+                          "max_consecutive_skips": 2 if policy == "limit" else 5})
     if policy == "stop":
         with pytest.raises(RuntimeError, match="step 1: non-finite loss"):
             train_ranks(run, 1)
+    elif policy == "limit":
+        with pytest.raises(RuntimeError, match=r"step 2: 2 consecutive steps skipped for non-finite values "
+                                               r"\(train.max_consecutive_skips=2\), last: non-finite loss"):
+            train_ranks(run, 1)
+        assert not (tiny["root"] / f"nan_run_{policy}" / "final").exists()
     else:
         out = train_ranks(run, 1)
         assert out["skipped"] == 2 and out["iteration"] == 2
@@ -263,7 +233,7 @@ def test_bad_runs_fail_with_a_clear_message(tiny):
     from megatron_dil.config import ConfigError, from_dict
     from megatron_dil.models.config import ModelConfig
     from megatron_dil.training.config import RunConfig
-    from megatron_dil.training.trainer import _check_compatible
+    from megatron_dil.training.preflight import check_compatible as _check_compatible
 
     with pytest.raises(ConfigError, match="set `model`"):
         from_dict(RunConfig, {"output_dir": "x"})

@@ -5,12 +5,22 @@ Gradient accumulation = global_batch_size / (micro_batch_size × data-parallel s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from megatron_dil.data.config import DataConfig
 from megatron_dil.losses.config import LossConfig
 from megatron_dil.models.config import ModelConfig
 from megatron_dil.runtime.distributed import ParallelConfig
+
+
+def at_least(config, minimum: float, *names: str) -> None:
+    """Domain check of numeric fields (None = unset is allowed): the message starts with the field's name, so the
+    config loader can prefix the section (``train.train_iters must be >= 1, got 0``)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value >= minimum):
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -41,12 +51,25 @@ class TrainConfig:
     recompute_activations: bool = False  # full activation recomputation (GPU option)
     logprob_chunk_size: int | None = 4096  # tokens per chunk of the vocab-parallel log-softmax
     nonfinite_loss: str = "skip"  # skip (drop the step, count it) | stop (raise, naming the step)
+    max_consecutive_skips: int = 5  # with `skip`: stop once this many steps in a row were non-finite
     exit_interval: int | None = None  # leave (after a checkpoint) at a multiple of this step: time-limited jobs
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
-            raise ValueError("need 1 <= micro_batch_size <= global_batch_size")
+        at_least(self, 1, "micro_batch_size", "global_batch_size", "train_iters", "max_consecutive_skips",
+                 "exit_interval", "logprob_chunk_size")
+        if self.global_batch_size < self.micro_batch_size:
+            raise ValueError(f"global_batch_size must be >= micro_batch_size {self.micro_batch_size}, "
+                             f"got {self.global_batch_size}")
+        for name in ("epochs", "lr", "adam_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        at_least(self, 0.0, "weight_decay", "clip_grad")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_schedule must be cosine, linear or constant, not {self.lr_schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -83,6 +106,10 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints
     export_hf: str | None = None  # write a Hugging Face model directory here at the end
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "save_interval")
+        at_least(self, 0, "keep_last")  # 0 keeps every checkpoint
+
 
 @dataclass
 class LoggingConfig:
@@ -90,6 +117,9 @@ class LoggingConfig:
     eval_interval: int | None = None  # steps between validation passes; None = only at the end
     eval_pairs: int | None = None  # cap on validation pairs per pass; None = the whole split
     tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "log_interval", "eval_interval", "eval_pairs")
 
 
 @dataclass
@@ -110,3 +140,8 @@ class RunConfig:
             raise ValueError("set `model` (e.g. model: {preset: tiny}) or `init.checkpoint`")
         if self.model is not None and self.init.checkpoint is not None:
             raise ValueError("`model` and `init.checkpoint` are exclusive: the checkpoint's model_config.yaml is used")
+        if not self.data.tokenizer and self.init.checkpoint is None:
+            raise ValueError("data.tokenizer is required with random init (a Hugging Face tokenizer directory or a "
+                             "sentencepiece .model file); with init.checkpoint it defaults to the checkpoint's")
+        if not self.output_dir:
+            raise ValueError("output_dir is required")

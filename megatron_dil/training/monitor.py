@@ -1,4 +1,5 @@
-"""Console progress and TensorBoard scalars, from the last rank (which sits on the last pipeline stage).
+"""Step bookkeeping (time, throughput, MFU, memory), console progress and TensorBoard scalars; printing and writing
+happen on the last rank (which sits on the last pipeline stage), every ``logging.log_interval`` steps and at the last.
 
 MFU = achieved model FLOP/s ÷ peak matmul FLOP/s measured on this device at start-up. Model FLOPs of a training step
 (PaLM appendix B): per token 6·N (N = non-embedding parameters + the output layer) plus the attention term
@@ -11,8 +12,11 @@ import time
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
+from megatron_dil.data.collator import PreferenceBatch
 from megatron_dil.models.config import ModelConfig
+from megatron_dil.training.collectives import all_reduce_values
 
 
 def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
@@ -55,12 +59,14 @@ class Monitor:
 
     SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "dil/f_chosen", "dil/f_rejected")
 
-    def __init__(self, enabled: bool, output_dir: str, tensorboard: bool, total_steps: int, peak_flops: float):
+    def __init__(self, enabled: bool, output_dir: str, tensorboard: bool, total_steps: int, peak_flops: float,
+                 model: ModelConfig, global_batch_size: int, log_interval: int):
         self.enabled = enabled
         self.total_steps = total_steps
         self.peak_flops = peak_flops
-        self.started = time.perf_counter()
-        self.start_step: int | None = None
+        self.model, self.global_batch_size, self.log_interval = model, global_batch_size, log_interval
+        self.started = self.step_started = time.perf_counter()
+        self.eta_from: int | None = None
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -71,14 +77,34 @@ class Monitor:
         if self.enabled:
             print(message, flush=True)
 
-    def step(self, step: int, metrics: dict[str, float], scalars: dict[str, float]) -> None:
-        """Report optimizer step ``step`` (1-based): loss metrics plus lr, grad norm, throughput, MFU, memory."""
+    def start_step(self) -> None:
+        self.step_started = time.perf_counter()
+
+    def end_step(self, step: int, batches: list[PreferenceBatch], metrics: dict[str, float],
+                 scalars: dict[str, float]) -> dict[str, float]:
+        """Collective (DP): ``scalars`` of optimizer step ``step`` plus its time, tokens/s, pairs/s, MFU and peak
+        memory; reported at the log cadence. Returns the completed scalars."""
+        seconds = time.perf_counter() - self.step_started
+        tokens = all_reduce_values([float(sum(b.num_tokens for b in batches))],
+                                   group=parallel_state.get_data_parallel_group())[0]
+        padded = max(b.tokens.shape[1] for b in batches)
+        flops = tokens * training_flops_per_token(self.model, padded) / seconds
+        scalars = {**scalars, "tokens_per_second": tokens / seconds,
+                   "pairs_per_second": self.global_batch_size / seconds, "step_seconds": seconds,
+                   "mfu": flops / (self.peak_flops * torch.distributed.get_world_size()),
+                   "memory_gib": peak_memory_gib()}
+        if step % self.log_interval == 0 or step == self.total_steps:
+            self.report(step, metrics, scalars)
+        return scalars
+
+    def report(self, step: int, metrics: dict[str, float], scalars: dict[str, float]) -> None:
+        """Print and record optimizer step ``step`` (1-based): loss metrics plus lr, grad norm, throughput, MFU."""
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step, self.started = step - 1, time.perf_counter() - scalars["step_seconds"]
+        if self.eta_from is None:
+            self.eta_from, self.started = step - 1, time.perf_counter() - scalars["step_seconds"]
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / (step - self.start_step) * (self.total_steps - step)
+        eta = elapsed / (step - self.eta_from) * (self.total_steps - step)
         shown = " | ".join(f"{k.split('/')[-1] if k != 'loss' else k} {metrics[k]:.4g}"
                            for k in self.SHOWN if k in metrics)
         self.log(f"step {step}/{self.total_steps} | {shown} | grad {scalars['grad_norm']:.3g} | lr "

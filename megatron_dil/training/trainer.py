@@ -1,8 +1,9 @@
-"""The DIL training loop: set up, reference log-probs, then step → log → evaluate → checkpoint until done."""
+"""The DIL training loop: preflight, set up, reference log-probs, then step → log → periodic components (evaluation,
+checkpoint) → exit check until done, then export."""
 from __future__ import annotations
 
+import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -14,16 +15,19 @@ from megatron.core import parallel_state
 
 from megatron_dil.config import save_config, to_dict
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
-from megatron_dil.data.loader import build_dataloader, build_datasets
-from megatron_dil.data.tokenizer import load_tokenizer
+from megatron_dil.data.loader import build_dataloader
 from megatron_dil.losses import PairLogProbs, PreferenceLoss, build_loss
-from megatron_dil.models.config import ModelConfig
 from megatron_dil.runtime import distributed as runtime
 from megatron_dil.training.builders import build_policy, build_reference, build_scheduler, params_dtype
-from megatron_dil.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_dil.training.cadence import Periodic
+from megatron_dil.training.checkpoint import TrainState, check_finite_weights
+from megatron_dil.training.checkpointer import Checkpointer
 from megatron_dil.training.config import RunConfig
-from megatron_dil.training.monitor import Monitor, measure_peak_flops, peak_memory_gib, training_flops_per_token
+from megatron_dil.training.monitor import Monitor, measure_peak_flops
+from megatron_dil.training.nonfinite import NonFinitePolicy
+from megatron_dil.training.preflight import preflight
 from megatron_dil.training.reference import ReferenceTable, model_identity, reference_table, table_reference
+from megatron_dil.training.signals import ExitSignal
 from megatron_dil.training.step import LogProbSetup, MicroBatchResults, compute_logprobs, preference_losses
 
 ReferenceFn = Callable[[int, PreferenceBatch], PairLogProbs | None]
@@ -36,34 +40,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: loss metrics + scalars
     evaluations: list[dict[str, float]] = field(default_factory=list)
     state: TrainState = field(default_factory=TrainState)
-
-
-def resolve_model_config(run: RunConfig) -> ModelConfig:
-    """``model:`` for random init, else the architecture stored with ``init.checkpoint``."""
-    if run.model is not None:
-        return run.model
-    from megatron_dil.convert import MegatronCheckpoint
-
-    return MegatronCheckpoint(run.init.checkpoint).model
-
-
-def _check_compatible(run: RunConfig, model: ModelConfig, tokenizer_vocab: int) -> None:
-    if tokenizer_vocab > model.vocab_size:
-        raise ValueError(f"tokenizer {run.data.tokenizer} has {tokenizer_vocab} tokens but the model's vocabulary "
-                         f"is {model.vocab_size}: wrong tokenizer for this model")
-    if run.data.max_length > model.max_position_embeddings:
-        raise ValueError(f"data.max_length {run.data.max_length} exceeds the model's max_position_embeddings "
-                         f"{model.max_position_embeddings}")
-    if run.parallel.context > 1:
-        raise ValueError("parallel.context > 1 is not supported by the trainer yet (sequences are not split)")
-
-
-def _all_reduce(value: float, op: dist.ReduceOp = dist.ReduceOp.SUM, group=None) -> float:
-    """A scalar reduced over ``group`` (the world by default), on the device the backend needs."""
-    tensor = torch.tensor([value], dtype=torch.float64,
-                          device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(tensor, op=op, group=group)
-    return float(tensor.item())
+    exit_reason: str | None = None  # why the run left before train_iters (exit_interval, a signal)
 
 
 class Trainer:
@@ -71,23 +48,14 @@ class Trainer:
 
     def __init__(self, run: RunConfig):
         self.run = run
-        self.model_config = resolve_model_config(run)
-        self.tokenizer = load_tokenizer(run.data.tokenizer)
-        _check_compatible(run, self.model_config, self.tokenizer.vocab_size)
+        checked = preflight(run, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group or model
+        self.model_config, self.tokenizer, self.plan = checked.model, checked.tokenizer, checked.plan
+        self.train_set, self.valid_set = checked.train_set, checked.valid_set
         self.dp_size = runtime.initialize(run.parallel, self.model_config, seed=run.train.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         train = run.train
-        if train.global_batch_size % (train.micro_batch_size * self.dp_size):
-            raise ValueError(f"train.global_batch_size {train.global_batch_size} pairs is not divisible by "
-                             f"micro_batch_size {train.micro_batch_size} × data-parallel size {self.dp_size}")
-        self.accumulation = train.global_batch_size // (train.micro_batch_size * self.dp_size)
-        if run.parallel.virtual_pipeline and self.accumulation % run.parallel.pipeline:
-            raise ValueError(f"the interleaved schedule needs gradient accumulation ({self.accumulation} micro-batches)"
-                             f" to be a multiple of parallel.pipeline {run.parallel.pipeline}")
-        self.train_set, self.valid_set = build_datasets(run.data, self.tokenizer)
-        self.train_iters = train.train_iters or max(1, int(train.epochs * len(self.train_set))
-                                                    // train.global_batch_size)
+        self.accumulation, self.train_iters = self.plan.accumulation, self.plan.train_iters
         self.loss: PreferenceLoss = build_loss(run.loss)
         self.setup = LogProbSetup(vocab_size=self.model_config.vocab_size, chunk_size=train.logprob_chunk_size)
         self.policy, self.optimizer = build_policy(self.model_config, run, run.data.max_length)
@@ -96,7 +64,18 @@ class Trainer:
                                            run.data.max_length)
         is_logger = dist.get_rank() == dist.get_world_size() - 1
         self.monitor = Monitor(is_logger, run.output_dir, run.logging.tensorboard, self.train_iters,
-                               measure_peak_flops(params_dtype(train)))
+                               measure_peak_flops(params_dtype(train)), self.model_config, train.global_batch_size,
+                               run.logging.log_interval)
+        for note in checked.notes:
+            self.monitor.log(note)
+        self.nonfinite = NonFinitePolicy(train.nonfinite_loss, train.max_consecutive_skips,
+                                         check_gradients=params_dtype(train) != torch.float16, log=self.monitor.log)
+        self.checkpointer = Checkpointer(run, self.train_iters, self.policy, self.optimizer, self.scheduler,
+                                         self.monitor.log)
+        self.evaluator = Periodic(run.logging.eval_interval, self.train_iters, self._record_eval)
+        self.periodic: list[Periodic] = [self.evaluator, self.checkpointer]  # in this order after each step
+        self.exit_signal = ExitSignal()
+        self.result = TrainResult()
         self.reference_model: list | None = None
         self.tables: dict[str, ReferenceTable] = {}
 
@@ -128,40 +107,25 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------- steps
     def train_step(self, batches: list[PreferenceBatch], state: TrainState
                    ) -> tuple[dict[str, float], dict[str, float]]:
-        """One optimizer step over ``accumulation`` micro-batches; returns the loss metrics (last stage) and the step's
-        scalars (lr, grad norm, throughput, ...)."""
-        started = time.perf_counter()
-        reference = self.reference_for("train", batches)
+        """One optimizer step over ``accumulation`` micro-batches: zero grads → losses (forward-backward) → non-finite
+        policy → optimizer step. Returns the loss metrics (last stage) and the step's lr, grad norm and loss scale."""
         for chunk in self.policy:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        results = preference_losses(self.policy, batches, self.loss, self.setup, reference, forward_only=False)
-        step = state.iteration + 1
+        results = preference_losses(self.policy, batches, self.loss, self.setup, self.reference_for("train", batches),
+                                    forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        if _all_reduce(float(bool(results.nonfinite)), dist.ReduceOp.MAX):
-            state.skipped_steps += 1
-            detail = "; ".join(results.nonfinite) or "on another rank"
-            if self.run.train.nonfinite_loss == "stop":
-                raise FloatingPointError(f"step {step}: non-finite loss: {detail} (train.nonfinite_loss=stop)")
-            self.monitor.log(f"step {step}: non-finite loss, step skipped ({state.skipped_steps} so far): {detail}")
-            grad_norm = float("nan")
-        else:
-            _, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
-        seconds = time.perf_counter() - started
-        tokens = _all_reduce(sum(b.num_tokens for b in batches), group=parallel_state.get_data_parallel_group())
-        padded = max(b.tokens.shape[1] for b in batches)
+        grad_norm = None
+        if not self.nonfinite.skip_step(state.iteration + 1, state, results.nonfinite, self.policy):
+            updated, grad_norm, _ = self.optimizer.step()
+            if updated:  # False: fp16 loss-scale overflow, handled by Megatron's scaler
+                self.scheduler.step(increment=1)
         metrics = results.metrics.reduce(parallel_state.get_data_parallel_group()) \
             if parallel_state.is_pipeline_last_stage() else {}
-        flops = tokens * training_flops_per_token(self.model_config, padded) / seconds
-        world = dist.get_world_size()
-        scalars = {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "loss_scale": float(self.optimizer.get_loss_scale()), "tokens_per_second": tokens / seconds,
-                   "pairs_per_second": self.run.train.global_batch_size / seconds, "step_seconds": seconds,
-                   "mfu": flops / (self.monitor.peak_flops * world), "memory_gib": peak_memory_gib(),
-                   "skipped_steps": float(state.skipped_steps)}
-        return metrics, scalars
+        return metrics, {"lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                         "loss_scale": float(self.optimizer.get_loss_scale()),
+                         "skipped_steps": float(state.skipped_steps)}
 
     def evaluate(self) -> dict[str, float]:
         """Loss metrics on the validation split (capped at ``logging.eval_pairs``), reduced over DP."""
@@ -169,14 +133,10 @@ class Trainer:
             return {}
         for chunk in self.policy:
             chunk.eval()
-        train = self.run.train
-        loader = build_dataloader(self.valid_set, self.run.data, self.tokenizer, train.micro_batch_size,
+        loader = build_dataloader(self.valid_set, self.run.data, self.tokenizer, self.run.train.micro_batch_size,
                                   parallel_state.get_data_parallel_rank(), self.dp_size, train=False)
-        per_step = train.micro_batch_size * self.dp_size
-        limit = len(loader) if self.run.logging.eval_pairs is None else \
-            min(len(loader), max(1, self.run.logging.eval_pairs // per_step))
         results = MicroBatchResults()
-        batches = (b.to(self.device) for b in islice(loader, limit))
+        batches = (b.to(self.device) for b in islice(loader, self.plan.eval_micro_batches))
         while window := list(islice(batches, self.accumulation)):
             preference_losses(self.policy, window, self.loss, self.setup, self.reference_for("valid", window),
                               forward_only=True, results=results)
@@ -186,67 +146,66 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
-        run, result = self.run, TrainResult()
-        checkpoints = Path(run.output_dir) / "checkpoints"
+        run, result = self.run, self.result
         if dist.get_rank() == 0:
             save_config(run, Path(run.output_dir) / "config.yaml")
         self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters | layout TP="
-                         f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size} | micro-batch "
-                         f"{run.train.micro_batch_size} pairs ({2 * run.train.micro_batch_size} sequences) × "
-                         f"{self.accumulation} accumulation × DP {self.dp_size} = global batch "
-                         f"{run.train.global_batch_size} pairs | {self.train_iters} steps | loss {self.loss.name}")
+                         f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size} | "
+                         f"{self.plan.describe()} | loss {self.loss.name}")
         self.prepare_reference()  # before resuming: the policy still holds the initial (= reference) weights
-        state = TrainState()
-        latest = latest_checkpoint(checkpoints) if run.checkpoint.resume else None
-        if latest is not None:
-            state = load_checkpoint(latest, self.policy, self.optimizer, self.scheduler)
-            self.monitor.log(f"resumed from {latest} at step {state.iteration} ({state.consumed_samples} pairs seen)"
-                             + (" — training already complete: evaluating and exporting only"
-                                if state.iteration >= self.train_iters else ""))
-        loader = build_dataloader(self.train_set, run.data, self.tokenizer, run.train.micro_batch_size,
-                                  parallel_state.get_data_parallel_rank(), self.dp_size,
-                                  consumed_samples=state.consumed_samples, train=True)
-        batches_iter = iter(loader)
-        while state.iteration < self.train_iters:
-            batches = [next(batches_iter).to(self.device) for _ in range(self.accumulation)]
-            metrics, scalars = self.train_step(batches, state)
-            state.iteration += 1
-            state.consumed_samples += run.train.global_batch_size
-            result.history.append({**metrics, **scalars})
-            if state.iteration % run.logging.log_interval == 0 or state.iteration == self.train_iters:
-                self.monitor.step(state.iteration, metrics, scalars)
-            if run.logging.eval_interval and state.iteration % run.logging.eval_interval == 0 \
-                    and state.iteration < self.train_iters:
-                self._record_eval(state, result)
-            if run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0 \
-                    and state.iteration < self.train_iters:
-                save_checkpoint(checkpoints, self.policy, self.optimizer, self.scheduler, state,
-                                run.checkpoint.keep_last)
-            if run.train.exit_interval and state.iteration % run.train.exit_interval == 0 \
-                    and state.iteration < self.train_iters:
-                save_checkpoint(checkpoints, self.policy, self.optimizer, self.scheduler, state,
-                                run.checkpoint.keep_last)
-                self.monitor.log(f"exit_interval: leaving at step {state.iteration}; run again to resume")
-                result.state = state
-                return result
-        self._record_eval(state, result)
-        save_checkpoint(checkpoints, self.policy, self.optimizer, self.scheduler, state, run.checkpoint.keep_last)
+        state = result.state = self.checkpointer.resume()
+        if state.iteration >= self.train_iters:
+            self.monitor.log("training already complete: evaluating and exporting only")
+        with self.exit_signal:  # installed before the DataLoader forks its workers, which inherit it
+            loader = build_dataloader(self.train_set, run.data, self.tokenizer, run.train.micro_batch_size,
+                                      parallel_state.get_data_parallel_rank(), self.dp_size,
+                                      consumed_samples=state.consumed_samples, train=True)
+            batches_iter = iter(loader)
+            while state.iteration < self.train_iters:
+                batches = [next(batches_iter).to(self.device) for _ in range(self.accumulation)]
+                self.monitor.start_step()
+                metrics, scalars = self.train_step(batches, state)
+                state.iteration += 1
+                state.consumed_samples += run.train.global_batch_size
+                scalars = self.monitor.end_step(state.iteration, batches, metrics, scalars)
+                result.history.append({**metrics, **scalars})
+                for component in self.periodic:
+                    component.maybe_run(state.iteration)
+                if (reason := self._exit_reason(state.iteration)) is not None:
+                    self.checkpointer.run(state.iteration)
+                    self.monitor.log(f"{reason}: leaving at step {state.iteration} after saving; run again to resume")
+                    result.exit_reason = reason
+                    self.monitor.close()
+                    return result
+        for component in self.periodic:  # a resumed, already complete run: the final evaluation and save
+            component.run(state.iteration)
         self.export()
-        result.state = state
         self.monitor.close()
         return result
 
-    def _record_eval(self, state: TrainState, result: TrainResult) -> None:
+    def _exit_reason(self, step: int) -> str | None:
+        """Collective: why to leave after ``step`` before ``train_iters`` (a termination signal, exit_interval)."""
+        if step >= self.train_iters:
+            return None
+        if (received := self.exit_signal.any_rank_received()) is not None:
+            return f"{received.name} received"
+        every = self.run.train.exit_interval
+        if every and step % every == 0:
+            return "train.exit_interval"
+        return None
+
+    def _record_eval(self, step: int) -> None:
         metrics = self.evaluate()
         if metrics:
-            result.evaluations.append({"step": state.iteration, **metrics})
-            self.monitor.log(f"eval @ step {state.iteration}: " + " | ".join(
+            self.result.evaluations.append({"step": step, **metrics})
+            self.monitor.log(f"eval @ step {step}: " + " | ".join(
                 f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins") if k in metrics))
-            self.monitor.scalars(state.iteration, {f"eval/{k}": v for k, v in metrics.items()})
+            self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
 
     def export(self) -> None:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
         checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
+        check_finite_weights(self.policy, f"the final weights {Path(self.run.output_dir) / 'final'}")
         from megatron_dil.convert import MegatronCheckpoint, megatron_to_hf, save_megatron_checkpoint
         from megatron_dil.io import publish
 

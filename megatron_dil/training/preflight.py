@@ -1,0 +1,88 @@
+"""Everything checkable before a rank builds a model: architecture, tokenizer, datasets, layout, batch plan and the
+output directory. Runs on every rank without a process group (the world size comes from torchrun's environment), so
+a bad run ends before any weights are allocated, and the checks are testable without ranks."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_dil.data.loader import build_datasets
+from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer
+from megatron_dil.models.config import ModelConfig
+from megatron_dil.runtime.distributed import validate_layout
+from megatron_dil.training.batch_plan import BatchPlan
+from megatron_dil.training.config import RunConfig
+
+
+@dataclass
+class Preflight:
+    model: ModelConfig
+    tokenizer: PreferenceTokenizer
+    train_set: object
+    valid_set: object | None
+    plan: BatchPlan
+    notes: list[str] = field(default_factory=list)  # decisions worth a log line (defaults taken, rounding)
+
+
+def resolve_model_config(run: RunConfig) -> ModelConfig:
+    """``model:`` for random init, else the architecture stored with ``init.checkpoint``."""
+    if run.model is not None:
+        return run.model
+    from megatron_dil.convert import MegatronCheckpoint
+
+    return MegatronCheckpoint(run.init.checkpoint).model
+
+
+def resolve_tokenizer(run: RunConfig) -> str | None:
+    """``data.tokenizer`` defaults to the ``tokenizer/`` that ``init.checkpoint`` carries (set in ``run``); returns a
+    note saying so, or None when it was given."""
+    if run.data.tokenizer:
+        return None
+    bundled = Path(run.init.checkpoint) / "tokenizer"
+    if not bundled.is_dir():
+        raise ValueError(f"data.tokenizer is not set and init.checkpoint {run.init.checkpoint} carries no tokenizer/ "
+                         f"directory: set data.tokenizer to the tokenizer the datasets were written with")
+    run.data.tokenizer = str(bundled)
+    return f"data.tokenizer not set: using the tokenizer of init.checkpoint ({bundled})"
+
+
+def check_compatible(run: RunConfig, model: ModelConfig, tokenizer_vocab: int) -> None:
+    if tokenizer_vocab > model.vocab_size:
+        raise ValueError(f"tokenizer {run.data.tokenizer} has {tokenizer_vocab} tokens but the model's vocabulary "
+                         f"is {model.vocab_size}: wrong tokenizer for this model")
+    if run.data.max_length > model.max_position_embeddings:
+        raise ValueError(f"data.max_length {run.data.max_length} exceeds the model's max_position_embeddings "
+                         f"{model.max_position_embeddings}")
+    if run.parallel.context > 1:
+        raise ValueError("parallel.context > 1 is not supported by the trainer yet (sequences are not split)")
+
+
+def check_output_dir(path: str) -> None:
+    """``output_dir`` exists (created if needed) as a writable directory, else one line saying what is wrong."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a directory: choose another output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output_dir {out} is not writable ({err.strerror or err}): choose another output_dir "
+                         f"or fix its permissions") from None
+
+
+def preflight(run: RunConfig, world_size: int) -> Preflight:
+    """All checks that need no process group and no model, in the order a user would fix them."""
+    model = resolve_model_config(run)
+    notes = [note] if (note := resolve_tokenizer(run)) else []
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    check_compatible(run, model, tokenizer.vocab_size)
+    data_parallel = validate_layout(run.parallel, world_size, model)
+    train_set, valid_set = build_datasets(run.data, tokenizer)
+    plan = BatchPlan.from_config(run, data_parallel, len(train_set), None if valid_set is None else len(valid_set))
+    if plan.epochs_note:
+        notes.append(plan.epochs_note)
+    check_output_dir(run.output_dir)
+    return Preflight(model, tokenizer, train_set, valid_set, plan, notes)
