@@ -10,6 +10,7 @@ Every section is a dataclass; unknown keys and values of the wrong type are reje
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -21,6 +22,15 @@ import yaml
 from megatron_dil.io import atomic_write_text
 
 T = TypeVar("T")
+
+
+def at_least(config, minimum: float, *names: str) -> None:
+    """Domain check of numeric fields (None = unset is allowed): the message starts with the field's name, so the
+    config loader can prefix the section (``train.train_iters must be >= 1, got 0``)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value >= minimum):
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class _Loader(yaml.SafeLoader):

@@ -148,14 +148,14 @@ def _all_on_four_ranks(rank: int, world_size: int, checkpoints: dict, cli: dict)
     out["resumed_rows"] = run(resumed)
 
     from megatron_dil.data.tokenizer import load_tokenizer
-    from megatron_dil.generation.evaluator import GenerationEvalConfig, GenerationEvaluator
+    from megatron_dil.generation.config import GenerationEvalConfig
+    from megatron_dil.generation.evaluator import GenerationEvaluator
 
     model, model_cfg = load("llama", 2, 1)  # DP=2: the prompts are split and gathered back
     evaluator = GenerationEvaluator(
-        GenerationEvalConfig(interval=5, prompts=resumed.prompts, max_prompts=10, max_new_tokens=6, batch_size=4,
+        GenerationEvalConfig(prompts=resumed.prompts, max_prompts=10, max_new_tokens=6, batch_size=4,
                              verifier="tiny_sort", samples_shown=10),
         load_tokenizer(str(Path(cli["root"]) / "llama")), window=64, vocab_size=model_cfg.vocab_size)
-    out["should_run"] = [evaluator.should_run(step) for step in range(11)]
     out["evaluation"] = evaluator.run(10, [model])
     parallel_state.destroy_model_parallel()
     return out
@@ -381,7 +381,6 @@ def test_generation_evaluator_scores_greedy_completions(models, four_ranks):
     from megatron_dil.generation.verifier import tiny_sort
 
     results, _ = four_ranks
-    assert results[0]["should_run"] == [s % 5 == 0 for s in range(11)]
     evaluations = [r["evaluation"] for r in results]
     assert [e is None for e in evaluations] == [False] * 4  # PP=1: every rank is a last stage
     tokenizer = load_tokenizer(str(models["root"] / "llama"))

@@ -42,7 +42,7 @@ def _train(rank: int, world_size: int, run: dict) -> dict:
 
     result = train(from_dict(RunConfig, run))
     return {"history": result.history, "evaluations": result.evaluations, "iteration": result.state.iteration,
-            "skipped": result.state.skipped_steps}
+            "skipped": result.state.skipped_steps, "generations": result.generations}
 
 
 def train_ranks(run: dict, world_size: int) -> dict:
@@ -180,6 +180,45 @@ def test_packed_rows_train_like_padded_rows(tiny):
     for key in ("loss", "dil/f_chosen", "rewards/margins"):
         np.testing.assert_allclose([h[key] for h in runs["mask"]["history"]],
                                    [h[key] for h in runs["none"]["history"]], rtol=0, atol=2e-6)
+
+
+def test_generation_evaluation_scores_the_current_weights(tiny):
+    """generate_eval at step 0, every 2 steps and the end (TP=2): each evaluation's greedy completions equal
+    transformers greedy generate() on those weights (step 0: the initial HF model; the end: final/ exported to HF),
+    and the verifier score is the tiny-task check of those completions."""
+    import torch
+    import transformers
+
+    from megatron_dil.convert import megatron_to_hf
+    from megatron_dil.data.tokenizer import load_tokenizer
+    from megatron_dil.generation.prompts import load_prompts
+    from megatron_dil.generation.verifier import tiny_sort
+
+    out = tiny["root"] / "generate_eval"
+    shown = 6
+    result = train_ranks(run_dict(
+        tiny, out, model=None, init={"checkpoint": tiny["checkpoints"][2]}, parallel={"tensor": 2},
+        loss={"name": "sft"}, train={"train_iters": 4, "lr": 3e-3},
+        generate_eval={"prompts": tiny["data"]["valid"], "interval": 2, "max_prompts": shown, "max_new_tokens": 10,
+                       "verifier": "tiny_sort", "samples_shown": shown}), 2)
+    generations = result["generations"]
+    assert [g.step for g in generations] == [0, 2, 4]
+    tokenizer = load_tokenizer(tiny["data"]["tokenizer"])
+    prompts = load_prompts(tiny["data"]["valid"], tokenizer, window=32, limit=shown).prompts
+    megatron_to_hf(out / "final", out / "final_hf", progress=False)
+    for generation, hf_dir in ((generations[0], tiny["root"] / "hf"), (generations[-1], out / "final_hf")):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+        expected = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt.ids])
+            new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)[0, len(prompt.ids):]
+            new = new.tolist()
+            expected.append(tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eos_id else new))
+        assert [s["completion"] for s in generation.samples] == expected
+        scores = [tiny_sort(p.source, text) for p, text in zip(prompts, expected)]
+        assert generation.correct == sum(scores) and generation.scored == len(scores)
+    assert generations[0].samples != generations[-1].samples  # the evaluations follow the training
 
 
 def test_blended_datasets_look_up_their_own_reference_logprobs(tiny):

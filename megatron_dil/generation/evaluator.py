@@ -1,5 +1,6 @@
 """Evaluation by generation during training: greedy completions of a fixed set of held-out prompts, scored by a
-task verifier when there is one, every ``interval`` steps (the component owns its cadence: ``should_run``).
+task verifier when there is one. The trainer runs it as one of its periodic components (``generate_eval:`` in the
+run config, :class:`~megatron_dil.generation.config.GenerationEvalConfig`).
 
 The prompts are split over data-parallel ranks; each model-parallel group decodes its share with the policy's
 current weights (KV cache, vocabulary-parallel greedy choice), and the last pipeline stage's results are gathered
@@ -15,26 +16,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_dil.data.tokenizer import PreferenceTokenizer
+from megatron_dil.generation.config import GenerationEvalConfig
 from megatron_dil.generation.decode import DecodeLimits, DecodeRequest
 from megatron_dil.generation.engine import generate
 from megatron_dil.generation.prompts import load_prompts
 from megatron_dil.generation.sampler import SamplingConfig
 from megatron_dil.generation.verifier import get_verifier
-
-
-@dataclass
-class GenerationEvalConfig:
-    """``interval`` steps between evaluations (0 = never); ``prompts``: any source ``megatron-dil-generate`` reads
-    (e.g. the valid split's dataset prefix); the first ``max_prompts`` distinct prompts are used."""
-
-    interval: int = 0
-    prompts: str | None = None
-    max_prompts: int = 64
-    max_new_tokens: int = 32
-    batch_size: int = 64
-    verifier: str | None = None  # e.g. tiny_sort
-    samples_shown: int = 3
-    template: str = "auto"
 
 
 @dataclass
@@ -59,18 +46,13 @@ class GenerationEvalResult:
 
 class GenerationEvaluator:
     def __init__(self, config: GenerationEvalConfig, tokenizer: PreferenceTokenizer, window: int, vocab_size: int):
-        if config.interval and not config.prompts:
-            raise ValueError("generation evaluation needs prompts (a prompts file, directory or dataset prefix)")
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.verifier = get_verifier(config.verifier) if config.verifier else None
         self.prompts = load_prompts(config.prompts, tokenizer, template=config.template, window=window,
-                                    limit=config.max_prompts).prompts if config.interval else []
+                                    limit=config.max_prompts).prompts
         self.limits = DecodeLimits(config.max_new_tokens, window, (tokenizer.eos_id,))
-
-    def should_run(self, step: int) -> bool:
-        return self.config.interval > 0 and step % self.config.interval == 0
 
     @torch.no_grad()
     def run(self, step: int, chunks: list[torch.nn.Module]) -> GenerationEvalResult | None:

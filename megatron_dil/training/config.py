@@ -5,22 +5,14 @@ Gradient accumulation = global_batch_size / (micro_batch_size × data-parallel s
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from megatron_dil.config import at_least
 from megatron_dil.data.config import DataConfig
+from megatron_dil.generation.config import GenerationEvalConfig
 from megatron_dil.losses.config import LossConfig
 from megatron_dil.models.config import ModelConfig
 from megatron_dil.runtime.distributed import ParallelConfig
-
-
-def at_least(config, minimum: float, *names: str) -> None:
-    """Domain check of numeric fields (None = unset is allowed): the message starts with the field's name, so the
-    config loader can prefix the section (``train.train_iters must be >= 1, got 0``)."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and not (math.isfinite(value) and value >= minimum):
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass
@@ -134,12 +126,16 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    generate_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
     def __post_init__(self) -> None:
         if self.model is None and self.init.checkpoint is None:
             raise ValueError("set `model` (e.g. model: {preset: tiny}) or `init.checkpoint`")
         if self.model is not None and self.init.checkpoint is not None:
             raise ValueError("`model` and `init.checkpoint` are exclusive: the checkpoint's model_config.yaml is used")
+        if self.generate_eval.prompts and self.parallel.virtual_pipeline:
+            raise ValueError("generate_eval needs one model chunk per rank: unset parallel.virtual_pipeline (or "
+                             "generate_eval.prompts and run megatron-dil-generate on the run's final/ instead)")
         if not self.data.tokenizer and self.init.checkpoint is None:
             raise ValueError("data.tokenizer is required with random init (a Hugging Face tokenizer directory or a "
                              "sentencepiece .model file); with init.checkpoint it defaults to the checkpoint's")

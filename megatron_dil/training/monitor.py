@@ -120,6 +120,12 @@ class Monitor:
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A text entry in TensorBoard (markdown; shown as preformatted text)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

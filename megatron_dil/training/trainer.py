@@ -41,6 +41,7 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)
     state: TrainState = field(default_factory=TrainState)
     exit_reason: str | None = None  # why the run left before train_iters (exit_interval, a signal)
+    generations: list = field(default_factory=list)  # GenerationEvalResult per evaluation by generation
 
 
 class Trainer:
@@ -74,6 +75,14 @@ class Trainer:
                                          self.monitor.log)
         self.evaluator = Periodic(run.logging.eval_interval, self.train_iters, self._record_eval)
         self.periodic: list[Periodic] = [self.evaluator, self.checkpointer]  # in this order after each step
+        self.generation: Periodic | None = None
+        if run.generate_eval.prompts:
+            from megatron_dil.generation.evaluator import GenerationEvaluator
+
+            self.generator = GenerationEvaluator(run.generate_eval, self.tokenizer, run.data.max_length,
+                                                 self.model_config.vocab_size)
+            self.generation = Periodic(run.generate_eval.interval, self.train_iters, self._record_generation)
+            self.periodic.insert(1, self.generation)
         self.exit_signal = ExitSignal()
         self.result = TrainResult()
         self.reference_model: list | None = None
@@ -154,6 +163,8 @@ class Trainer:
                          f"{self.plan.describe()} | loss {self.loss.name}")
         self.prepare_reference()  # before resuming: the policy still holds the initial (= reference) weights
         state = result.state = self.checkpointer.resume()
+        if self.generation is not None and state.iteration == 0:
+            self.generation.run(0)  # the starting point the run is measured against
         if state.iteration >= self.train_iters:
             self.monitor.log("training already complete: evaluating and exporting only")
         with self.exit_signal:  # installed before the DataLoader forks its workers, which inherit it
@@ -201,6 +212,15 @@ class Trainer:
             self.monitor.log(f"eval @ step {step}: " + " | ".join(
                 f"{k} {metrics[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins") if k in metrics))
             self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+
+    def _record_generation(self, step: int) -> None:
+        evaluation = self.generator.run(step, self.policy)
+        if evaluation is not None and self.monitor.enabled:
+            self.result.generations.append(evaluation)
+            self.monitor.log(evaluation.summary())
+            if evaluation.score is not None:
+                self.monitor.scalars(step, {"generate/score": evaluation.score})
+            self.monitor.text(step, "generate/samples", evaluation.summary())
 
     def export(self) -> None:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
