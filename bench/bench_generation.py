@@ -6,7 +6,8 @@ equal. Reported: time to first token (a 1-new-token run: prefill + one choice), 
 (batch × new tokens / seconds), each as the median of ``--repeats`` (the two sides interleaved) after a warm-up, and their ratio; and the KV
 cache's allocated bytes (Megatron's static buffers, read after the run) against 2 · layers · batch · positions ·
 kv_heads · head_dim · bytes. This is the engine ``megatron-dil-generate`` runs per batch (its process start-up,
-prompt reading and output writing are not included).
+prompt reading and output writing are not included). ``equal_length_prompts``, ``megatron_decoder`` and
+``time_decoders`` also time row 5 of ``bench/gpu_check.py``.
 
     python bench/bench_generation.py --output bench/results/generation.json
 """
