@@ -6,7 +6,8 @@ equal. Reported: time to first token (a 1-new-token run: prefill + one choice), 
 (batch × new tokens / seconds), each as the median of ``--repeats`` (the two sides interleaved) after a warm-up, and their ratio; and the KV
 cache's allocated bytes (Megatron's static buffers, read after the run) against 2 · layers · batch · positions ·
 kv_heads · head_dim · bytes. This is the engine ``megatron-dil-generate`` runs per batch (its process start-up,
-prompt reading and output writing are not included).
+prompt reading and output writing are not included). ``equal_length_prompts``, ``megatron_decoder`` and
+``time_decoders`` also time row 5 of ``bench/gpu_check.py``.
 
     python bench/bench_generation.py --output bench/results/generation.json
 """
@@ -20,8 +21,55 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def equal_length_prompts(batch: int, prompt_length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """[batch, prompt_length] random ids in [3, vocab_size) (0-2 stay free for pad/BOS/EOS), so no side pads."""
+    return torch.randint(3, vocab_size, (batch, prompt_length), generator=torch.Generator().manual_seed(seed))
+
+
+def megatron_decoder(model, prompts: torch.Tensor, vocab_size: int) -> Callable[..., list]:
+    """``fn(new_tokens, context=None)``: greedy ``decode`` of ``prompts`` (one request per row) with no EOS, so every
+    row generates exactly ``new_tokens``; ``context`` is an optional KV cache to fill."""
+    from megatron_dil.generation.decode import DecodeLimits, DecodeRequest, decode
+    from megatron_dil.generation.sampler import SamplingConfig
+
+    requests = [DecodeRequest(p.tolist(), i, 0) for i, p in enumerate(prompts)]
+    greedy = SamplingConfig(temperature=0.0)
+
+    def run(new_tokens: int, context=None) -> list:
+        limits = DecodeLimits(new_tokens, prompts.shape[1] + new_tokens, ())
+        return decode(model, requests, greedy, limits, vocab_size, context)
+
+    return run
+
+
+def time_decoders(sides: dict[str, Callable[[int], object]], batch: int, new_tokens: int,
+                  repeats: int) -> dict[str, dict[str, float]]:
+    """Per side: ``ttft_s`` (a 1-new-token run: prefill + one choice) and ``total_s`` (a ``new_tokens`` run), each the
+    median of ``repeats`` with the sides interleaved (a change in machine load hits all alike), and
+    ``tokens_per_s`` = batch · new_tokens / total_s. Warm the sides up first."""
+    def timed(fn: Callable[[int], object], n: int) -> float:
+        start = time.perf_counter()
+        fn(n)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = {name: {"ttft_s": [], "total_s": []} for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            times[name]["ttft_s"].append(timed(fn, 1))
+            times[name]["total_s"].append(timed(fn, new_tokens))
+    result = {name: {key: statistics.median(values) for key, values in side.items()} for name, side in times.items()}
+    for side in result.values():
+        side["tokens_per_s"] = batch * new_tokens / side["total_s"]
+    return result
 
 
 def main() -> None:
@@ -43,13 +91,10 @@ def main() -> None:
     from megatron_dil.runtime.cpu_compat import silence_expected_warnings
 
     silence_expected_warnings()
-    import torch
     import transformers
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from megatron_dil.convert import MegatronCheckpoint, hf_to_megatron, load_megatron_checkpoint
-    from megatron_dil.generation.decode import DecodeLimits, DecodeRequest, decode
-    from megatron_dil.generation.sampler import SamplingConfig
     from megatron_dil.models.builder import build_model
     from megatron_dil.runtime import ParallelConfig, initialize, shutdown
 
@@ -61,7 +106,7 @@ def main() -> None:
         max_position_embeddings=args.prompt_length + args.new_tokens, bos_token_id=1, eos_token_id=2)
     hf = transformers.LlamaForCausalLM(config).float().eval()
     hf.generation_config.eos_token_id = None
-    prompts = torch.randint(3, args.vocab, (args.batch, args.prompt_length))
+    prompts = equal_length_prompts(args.batch, args.prompt_length, args.vocab)
 
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(Path(tmp) / "hf")
@@ -71,34 +116,20 @@ def main() -> None:
         initialize(ParallelConfig(), model_cfg)
         chunks = build_model(model_cfg)
         load_megatron_checkpoint(chunks, Path(tmp) / "ckpt")
-    model = chunks[0]
-    requests = [DecodeRequest(p.tolist(), i, 0) for i, p in enumerate(prompts)]
-    greedy = SamplingConfig(temperature=0.0)
-
-    def ours(new_tokens: int, context=None):
-        return decode(model, requests, greedy, DecodeLimits(new_tokens, 10 ** 9, ()), model_cfg.vocab_size, context)
+    ours = megatron_decoder(chunks[0], prompts, model_cfg.vocab_size)
 
     def theirs(new_tokens: int):
         with torch.no_grad():
             return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    sides = {"megatron_dil": ours, "transformers": theirs}
     same = [c.token_ids for c in ours(args.new_tokens)] == theirs(args.new_tokens)[:, args.prompt_length:].tolist()
     theirs(1)  # warm-up of both sides done above and here
-    times: dict[str, dict[str, list[float]]] = {name: {"ttft_s": [], "total_s": []} for name in sides}
-    for _ in range(args.repeats):  # interleaved, so a change in machine load hits both sides alike
-        for name, fn in sides.items():
-            for key, new_tokens in (("ttft_s", 1), ("total_s", args.new_tokens)):
-                start = time.perf_counter()
-                fn(new_tokens)
-                times[name][key].append(time.perf_counter() - start)
     result = {"shape": vars(args), "parameters_m": model_cfg.num_parameters() / 1e6, "tokens_equal": same,
               "torch_threads": torch.get_num_threads(), "transformers_version": transformers.__version__,
-              "load_average_1min": os.getloadavg()[0]}
-    for name in sides:
-        result[name] = {key: statistics.median(values) for key, values in times[name].items()}
-        result[name]["tokens_per_s"] = args.batch * args.new_tokens / result[name]["total_s"]
+              "load_average_1min": os.getloadavg()[0],
+              **time_decoders({"megatron_dil": ours, "transformers": theirs}, args.batch, args.new_tokens,
+                              args.repeats)}
     result["tokens_per_s_ratio"] = result["megatron_dil"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     result["ttft_ratio"] = result["megatron_dil"]["ttft_s"] / result["transformers"]["ttft_s"]
 

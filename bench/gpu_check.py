@@ -22,8 +22,11 @@ Rows (each PASS / FAIL / NOT RUN with the reason; one row's failure never stops 
 4. Log-prob kernel at vocabulary 128256 over 8192 tokens (``bench_logprobs`` cases, fresh process each): time and
    extra peak memory of the vocab-parallel path (unchunked and chunked at the Trainer's default chunk) against a naive
    fp32 ``log_softmax``; FAIL if the chunked path needs as much memory as the naive one.
-5. Generation: NOT RUN while ``megatron_dil.generation`` is absent; when present, its CLI must answer
-   ``python -m megatron_dil.generation --help`` (decode throughput is not measured by this check).
+5. Generation: greedy decode through the project's engine (``generation.decode``, what ``megatron-dil-generate``
+   runs per batch; timed by ``bench_generation.time_decoders``) of the ``llama3.2-1b`` preset from random init in bf16,
+   at batch 1 and 16, prompt 128 + 128 new tokens (EOS off): generated tokens/s and time to first token (prefill +
+   one token), medians of 3 after a warm-up, and peak memory; FAIL unless every row gets exactly its new tokens, all
+   inside the vocabulary.
 
 Every row runs in its own process group with a time budget (``ROW_CAPS``), inside a global budget (``--budget``):
 a row that overruns is killed with its children and keeps the cases it finished. Rows run one at a time on the GPU
@@ -59,7 +62,7 @@ TITLES = {1: "environment", 2: "parity vs transformers", 3: "training fast path"
           5: "generation"}
 ORDER = (1, 2, 4, 5, 3)  # the long training row last: it takes whatever time the quick rows leave
 DRY_RUN_ORDER = (3, 1, 2, 4, 5)  # two at a time: the long row on one core, the others on the other
-ROW_CAPS = {1: 60, 2: 120, 3: 300, 4: 90, 5: 45}  # seconds per row, at most
+ROW_CAPS = {1: 60, 2: 120, 3: 300, 4: 90, 5: 60}  # seconds per row, at most
 ROW_FLOOR = 20  # seconds kept back for each row still to run
 GRACE = 10  # seconds between a row's own deadline and its process being killed
 RESERVE = 5  # seconds kept for writing the report
@@ -84,6 +87,12 @@ class Plan:
     logprob_tokens: int = 8192
     logprob_chunk: int | None = None  # None: the Trainer's default (TrainConfig.logprob_chunk_size)
     logprob_repeats: int = 3
+    gen_preset: str = "llama3.2-1b"
+    gen_dtype: str = "bfloat16"
+    gen_batches: tuple[int, ...] = (1, 16)
+    gen_prompt: int = 128
+    gen_new_tokens: int = 128
+    gen_repeats: int = 3
     deadline: float = 0.0  # time.time() by which the row must be done
 
     @classmethod
@@ -92,7 +101,9 @@ class Plan:
             return cls(dry_run=False, scratch=scratch, steps=steps or 20)
         return cls(dry_run=True, scratch=scratch, steps=steps or 3, peak_dtype="float32", peak_size=1024,
                    peak_repeats=3, parity_seq=32, mistral_window=8, train_model={"preset": "tiny"}, train_seq=64,
-                   micro_batch=2, global_batch=4, logprob_tokens=128, logprob_chunk=32, logprob_repeats=1)
+                   micro_batch=2, global_batch=4, logprob_tokens=128, logprob_chunk=32, logprob_repeats=1,
+                   gen_preset="tiny", gen_dtype="float32", gen_batches=(1, 4), gen_prompt=16, gen_new_tokens=16,
+                   gen_repeats=1)
 
 
 @dataclass
@@ -474,22 +485,53 @@ def row_logprobs(plan: Plan, report: Report) -> None:
 
 # ------------------------------------------------------------------------------------------------ 5: generation
 def row_generation(plan: Plan, report: Report) -> None:
-    """Contract with the generation module: ``python -m megatron_dil.generation --help`` must exit 0."""
-    import importlib.util
+    """Greedy decode tokens/s and time to first token of a randomly initialised ``gen_preset`` model, per batch size."""
+    import torch
+    from bench_generation import equal_length_prompts, megatron_decoder, time_decoders
 
-    if importlib.util.find_spec("megatron_dil.generation") is None:
-        report(Case("greedy decode", NOT_RUN, "generation module not present (megatron_dil.generation is not "
-                                              "importable in this checkout)"))
-        return
-    proc = subprocess.run([sys.executable, "-m", "megatron_dil.generation", "--help"], capture_output=True,
-                          text=True, timeout=max(5.0, _seconds_left(plan) - 2), cwd=ROOT)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        report(Case("generation CLI", FAIL, f"python -m megatron_dil.generation --help exited {proc.returncode}: "
-                                            f"{tail[0]}"))
-        return
-    report(Case("generation CLI", PASS, "python -m megatron_dil.generation --help answers"))
-    report(Case("greedy decode", NOT_RUN, "decode tokens/s of the 1B model is not measured by this check"))
+    from megatron_dil.models.builder import build_model, transformer_engine_available
+    from megatron_dil.models.config import ModelConfig
+    from megatron_dil.runtime import ParallelConfig, initialize
+    from tests.distributed import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    model_cfg = ModelConfig.from_preset(plan.gen_preset)
+    initialize(ParallelConfig(), model_cfg)
+    model = build_model(model_cfg, params_dtype=getattr(torch, plan.gen_dtype),
+                        max_sequence_length=plan.gen_prompt + plan.gen_new_tokens)[0]
+    cuda = torch.cuda.is_available()
+    shape = (f"{plan.gen_preset} ({model_cfg.num_parameters() / 1e6:,.1f}M params, random init), {plan.gen_dtype}, "
+             f"{'transformer_engine' if transformer_engine_available() else 'local'} spec, "
+             f"{'cuda' if cuda else 'cpu'}")
+    for batch in plan.gen_batches:
+        name = f"greedy decode batch {batch}"
+        if _seconds_left(plan) < 10:
+            report(Case(name, NOT_RUN, "row time budget exhausted"))
+            continue
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            prompts = equal_length_prompts(batch, plan.gen_prompt, model_cfg.vocab_size, seed=batch)
+            ours = megatron_decoder(model, prompts, model_cfg.vocab_size)
+            completions = ours(plan.gen_new_tokens)  # the warm-up, checked
+            bad = [i for i, c in enumerate(completions) if len(c.token_ids) != plan.gen_new_tokens
+                   or not all(0 <= t < model_cfg.vocab_size for t in c.token_ids)]
+            if bad:
+                report(Case(name, FAIL, f"rows {bad[:4]} did not get {plan.gen_new_tokens} tokens inside the "
+                                        f"vocabulary of {model_cfg.vocab_size}"))
+                continue
+            times = time_decoders({"ours": ours}, batch, plan.gen_new_tokens, plan.gen_repeats)["ours"]
+        except Exception as err:  # noqa: BLE001 - this batch's FAIL; the next one runs
+            report(Case(name, FAIL, _error(err)))
+            continue
+        metrics = dict(times, batch=batch, prompt_length=plan.gen_prompt, new_tokens=plan.gen_new_tokens,
+                       repeats=plan.gen_repeats, model=plan.gen_preset, dtype=plan.gen_dtype)
+        line = (f"{times['tokens_per_s']:.1f} tok/s, TTFT {times['ttft_s'] * 1e3:.1f} ms ({batch} × prompt "
+                f"{plan.gen_prompt} + {plan.gen_new_tokens} new, median of {plan.gen_repeats}; {shape}")
+        if cuda:
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            line += f", peak mem {metrics['peak_memory_gib']:.2f} GiB"
+        report(Case(name, PASS, line + ")", metrics))
 
 
 ROWS: dict[int, Callable[[Plan, Report], None]] = {1: row_environment, 2: row_parity, 3: row_training,
@@ -506,7 +548,7 @@ def worker(row: int, plan: Plan, partial: str) -> None:
         print(f"[row {row}] {case.name}: {case.status} — {case.summary}", flush=True)
 
     try:
-        if not plan.dry_run and row in (2, 3, 4):
+        if not plan.dry_run and row in (2, 3, 4, 5):
             import torch
 
             if not torch.cuda.is_available():

@@ -3,7 +3,6 @@ report; rows that need CUDA say NOT RUN with the reason; the budget machinery ne
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -103,13 +102,18 @@ def test_dry_run_logprob_row_measures_the_kernel(dry_run):
     assert chunked["memory_vs_naive"] < 1
 
 
-def test_dry_run_generation_row(dry_run):
-    _, _, rows, cases, _ = dry_run
-    if importlib.util.find_spec("megatron_dil.generation") is None:
-        assert rows[5]["status"] == gpu_check.NOT_RUN
-        assert "generation module not present" in cases[5, "greedy decode"]["summary"]
-    else:
-        assert cases[5, "generation CLI"]["status"] == gpu_check.PASS
+def test_dry_run_generation_row_times_greedy_decode(dry_run):
+    _, report, rows, cases, _ = dry_run
+    assert rows[5]["status"] == gpu_check.PASS
+    plan = report["plan"]
+    assert plan["gen_preset"] == "tiny" and plan["gen_dtype"] == "float32"
+    for batch in plan["gen_batches"]:
+        case = cases[5, f"greedy decode batch {batch}"]
+        metrics = case["metrics"]
+        assert case["status"] == gpu_check.PASS and metrics["batch"] == batch
+        assert metrics["ttft_s"] > 0 and metrics["total_s"] > 0
+        assert metrics["tokens_per_s"] == pytest.approx(batch * plan["gen_new_tokens"] / metrics["total_s"])
+        assert case["summary"].startswith(f"{metrics['tokens_per_s']:.1f} tok/s, TTFT ")
 
 
 def test_exhausted_budget_still_writes_every_row(tmp_path):

@@ -306,3 +306,62 @@ def test_cpu_bridge_is_a_no_op_when_cuda_is_available(monkeypatch):
     assert cpu_compat.install() is False
     assert torch.cuda.current_device is current_device and torch.cuda.synchronize is synchronize
     assert torch._C._is_torch_function_mode_enabled() == mode_before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. Megatron's fused masked softmax only where its compiled kernels exist
+
+
+@pytest.mark.parametrize("cuda, missing, fused", [
+    (True, "all", False),  # CUDA without apex's kernels (a plain megatron-core wheel): the torch softmax
+    (True, "scaled_masked_softmax_cuda", False),
+    (True, None, True),
+    (False, None, False),
+])
+def test_masked_softmax_fusion_needs_the_compiled_kernels(monkeypatch, cuda, missing, fused):
+    """``FusedScaleMaskSoftmax`` imports ``scaled_*_softmax_cuda`` in its fp16/bf16 forward: asking for the fusion on
+    a GPU without them fails there with ModuleNotFoundError, so the config asks for it only when they are found."""
+    import importlib.machinery
+    import importlib.util
+    import inspect
+    import re
+
+    from megatron.core.fusions import fused_softmax
+
+    kernels = set(re.findall(r"import (scaled_\w+_cuda)", inspect.getsource(fused_softmax)))  # what Megatron imports
+    assert "scaled_masked_softmax_cuda" in kernels
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name in kernels:
+            return None if missing in ("all", name) else importlib.machinery.ModuleSpec(name, None)
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert _single_rank_config(monkeypatch, cuda).masked_softmax_fusion is fused
+
+
+def _single_rank_config(monkeypatch, cuda: bool):
+    """``transformer_config`` for the tiny preset in bf16 at TP = PP = CP = 1, as if CUDA were (not) present."""
+    from megatron.core import parallel_state
+
+    from megatron_dil.models.builder import transformer_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for getter, value in (("get_tensor_model_parallel_world_size", 1), ("get_pipeline_model_parallel_world_size", 1),
+                          ("get_virtual_pipeline_model_parallel_world_size", None),
+                          ("get_context_parallel_world_size", 1)):
+        monkeypatch.setattr(parallel_state, getter, lambda value=value: value)
+    return transformer_config(_tiny(), params_dtype=torch.bfloat16)
+
+
+def test_local_spec_norm_accepts_the_gpu_config(monkeypatch):
+    """On CUDA without Transformer Engine the local spec's RMSNorm is ``WrappedTorchNorm``, which refuses
+    ``persist_layer_norm`` (an apex FusedLayerNorm option): the GPU config must not set it."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    config = _single_rank_config(monkeypatch, cuda=True)
+    norm = WrappedTorchNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+    x = torch.randn(3, config.hidden_size, dtype=torch.float64)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.layernorm_epsilon)
+    torch.testing.assert_close(norm.double()(x), expected)

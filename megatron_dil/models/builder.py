@@ -5,6 +5,8 @@ Transformer Engine's layer spec is used when TE imports and CUDA is present (the
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -24,6 +26,16 @@ def transformer_engine_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# The compiled kernels Megatron-Core's FusedScaleMaskSoftmax imports (built by apex / Megatron-LM, not shipped in the
+# megatron-core wheel); without them its fused path raises ModuleNotFoundError on the first fp16/bf16 forward.
+FUSED_SOFTMAX_KERNELS = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda", "scaled_softmax_cuda")
+
+
+def fused_softmax_available() -> bool:
+    """The local spec's fused masked softmax can run: CUDA is present and every kernel module it imports is found."""
+    return torch.cuda.is_available() and all(importlib.util.find_spec(m) is not None for m in FUSED_SOFTMAX_KERNELS)
 
 
 def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
@@ -64,11 +76,10 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
         use_cpu_initialization=on_cpu,
         perform_initialization=True,
         bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=fused_softmax_available(),
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=not on_cpu,
         # gloo matches point-to-point messages per (peer, tag) in posting order; Megatron's batched isend/irecv posts
         # them in an order that can swap a forward activation and a backward gradient between the same two ranks
         # (PP=2 interleaved). Unbatched p2p keeps a fixed send/recv order on both sides.
