@@ -1,4 +1,5 @@
-"""Hugging Face ``config.json`` ↔ ``ModelConfig`` for LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM.
+"""Hugging Face ``config.json`` ↔ ``ModelConfig`` for LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and
+Qwen3ForCausalLM.
 
 Reads both the transformers-5 form (``rope_parameters``) and the older one (``rope_theta`` + ``rope_scaling``).
 Anything Megatron-Core cannot reproduce exactly is refused with a ``ConversionError`` naming the field.
@@ -11,7 +12,8 @@ from typing import Any
 
 from megatron_dil.models.config import ModelConfig
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM"}
 # Megatron-Core's Llama-3 RoPE scaling hard-codes these three values (only ``factor`` is configurable).
 LLAMA3_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -31,7 +33,7 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def architecture_of(hf: dict[str, Any]) -> str:
-    """The model type (``llama``/``mistral``/``qwen2``), refusing anything else."""
+    """The model type (a key of ``SUPPORTED_ARCHITECTURES``), refusing anything else."""
     architectures = hf.get("architectures") or []
     model_type = hf.get("model_type")
     supported = sorted(SUPPORTED_ARCHITECTURES.values())
@@ -66,8 +68,8 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
         _require(hf, "attention_bias", False, "a Llama o_proj bias has no Megatron counterpart")
     _require(hf, "mlp_bias", False, "the Megatron model has no MLP biases")
     _require(hf, "pretraining_tp", 1, "only the exact (non-sliced) Llama computation is supported")
-    if arch == "qwen2":
-        _require(hf, "use_sliding_window", False, "Qwen2's per-layer sliding window is not implemented")
+    if arch in ("qwen2", "qwen3"):
+        _require(hf, "use_sliding_window", False, "Qwen's per-layer sliding window is not implemented")
     theta, scaling = _rope(hf)
     rope_factor = None
     if scaling is not None:
@@ -94,6 +96,7 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
         rope_scaling_factor=rope_factor,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2",
+        qk_layernorm=arch == "qwen3",
         sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         init_method_std=float(hf.get("initializer_range", 0.02)),
@@ -101,9 +104,12 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
 
 
 def hf_config_from_model(model: ModelConfig, dtype: str) -> dict[str, Any]:
-    """A transformers-5 ``config.json`` for a ``ModelConfig`` (Qwen2 when it has QKV bias, Mistral with a sliding
-    window, Llama otherwise)."""
-    arch = "qwen2" if model.qkv_bias else "mistral" if model.sliding_window is not None else "llama"
+    """A transformers-5 ``config.json`` for a ``ModelConfig`` (Qwen3 when it has QK-norm, Qwen2 when it has QKV bias,
+    Mistral with a sliding window, Llama otherwise)."""
+    if model.qk_layernorm and model.qkv_bias:
+        raise ConversionError("no Hugging Face architecture has both QK-norm and QKV bias (qk_layernorm, qkv_bias)")
+    arch = ("qwen3" if model.qk_layernorm else "qwen2" if model.qkv_bias else
+            "mistral" if model.sliding_window is not None else "llama")
     rope: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_type": "default"}
     if model.rope_scaling_factor is not None:
         rope = {**rope, "rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED_ROPE_SCALING}
@@ -126,11 +132,13 @@ def hf_config_from_model(model: ModelConfig, dtype: str) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "dtype": dtype,
     }
+    if arch in ("llama", "qwen3"):
+        config.update(attention_bias=False)
     if arch == "llama":
-        config.update(attention_bias=False, mlp_bias=False)
+        config.update(mlp_bias=False)
     if arch == "mistral":
         config["sliding_window"] = model.sliding_window
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         config.update(use_sliding_window=False, sliding_window=None)
     return config
 
@@ -139,5 +147,5 @@ def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     """Equal in every field that changes the computed function (padding divisor and init/dropout excluded)."""
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "query_groups",
               "head_dim", "norm_epsilon", "rotary_base", "rope_scaling_factor", "tie_embeddings", "qkv_bias",
-              "sliding_window", "max_position_embeddings")
+              "qk_layernorm", "sliding_window", "max_position_embeddings")
     return all(getattr(a, f) == getattr(b, f) for f in fields)

@@ -8,6 +8,7 @@ With TP size t, rank r, nh heads, ng query groups, head dim d, hidden H, FFN F, 
 | input_layernorm.weight                   | input_layernorm.weight            | replicated                                  |
 | self_attention.linear_qkv.{weight,bias}  | self_attn.{q,k,v}_proj.{..}       | groups g ∈ [r·ng/t, (r+1)·ng/t), each as    |
 |                                          |                                   | [q heads of g (nh/ng·d rows); k_g (d); v_g (d)] |
+| self_attention.{q,k}_layernorm.weight    | self_attn.{q,k}_norm.weight       | replicated (Qwen3 QK-norm, [d])             |
 | self_attention.linear_proj.weight        | self_attn.o_proj.weight           | columns [r·nh·d/t, (r+1)·nh·d/t)            |
 | pre_mlp_layernorm.weight                 | post_attention_layernorm.weight   | replicated                                  |
 | mlp.linear_fc1.weight                    | mlp.{gate,up}_proj.weight         | [gate rows r·F/t..; up rows r·F/t..]        |
@@ -34,6 +35,8 @@ _GLOBAL = {EMBEDDING: ("model.embed_tokens.weight", "vocab"), FINAL_NORM: ("mode
            OUTPUT: ("lm_head.weight", "vocab")}
 _LAYER = {  # Megatron suffix -> (HF suffix, kind); fused tensors list their HF parts
     "input_layernorm.weight": ("input_layernorm.weight", "replicated"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", "replicated"),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", "replicated"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "column"),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", "replicated"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight", "column"),
@@ -84,6 +87,8 @@ def megatron_keys(model: ModelConfig, layers: range, first_stage: bool, last_sta
     """Canonical keys held by a pipeline stage owning ``layers`` (the tied output layer is the embedding)."""
     per_layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
     per_layer += ["self_attention.linear_qkv.bias"] if model.qkv_bias else []
+    if model.qk_layernorm:
+        per_layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
     per_layer += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", _FC1, "mlp.linear_fc2.weight"]
     keys = [EMBEDDING] if first_stage else []
     keys += [f"decoder.layers.{i}.{s}" for i in layers for s in per_layer]
@@ -104,6 +109,8 @@ def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         if model.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (nh * d,), p + "self_attn.k_proj.bias": (ng * d,),
                            p + "self_attn.v_proj.bias": (ng * d,)})
+        if model.qk_layernorm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
         shapes.update({p + "self_attn.o_proj.weight": (h, nh * d), p + "post_attention_layernorm.weight": (h,),
                        p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                        p + "mlp.down_proj.weight": (h, f)})
@@ -123,6 +130,7 @@ def megatron_shard_shape(key: str, layout: TensorParallelLayout) -> tuple[int, .
     match = _LAYER_KEY.match(key)
     suffix = match.group(2) if match else key
     return {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,), FINAL_NORM: (h,),
+            "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,),
             "self_attention.linear_qkv.weight": (qkv_rows, h), "self_attention.linear_qkv.bias": (qkv_rows,),
             "self_attention.linear_proj.weight": (h, m.num_attention_heads * d // t),
             _FC1: (2 * f // t, h), "mlp.linear_fc2.weight": (h, f // t)}[suffix]

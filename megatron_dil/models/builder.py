@@ -48,6 +48,7 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,  # also makes finalize_model_grads sum the QK-norm grads over TP ranks
         attention_dropout=model.attention_dropout,
         hidden_dropout=model.hidden_dropout,
         init_method_std=model.init_method_std,
@@ -97,9 +98,9 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
     if transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_layernorm)
     vocab = model.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []

@@ -1,8 +1,8 @@
-"""One model config for Llama-2/3, Mistral and Qwen2-style decoders, and the named presets.
+"""One model config for Llama-2/3, Mistral, Qwen2 and Qwen3-style decoders, and the named presets.
 
 All of these are the same pre-norm decoder: RMSNorm(eps) → attention with RoPE(theta[, Llama-3 scaling]) and GQA
 (``num_query_groups`` key/value heads) → RMSNorm → SwiGLU MLP (silu(x W_gate) ⊙ x W_up) W_down; they differ only in
-the numbers below, QKV bias (Qwen2), tied embeddings and Mistral's sliding window.
+the numbers below, QKV bias (Qwen2), per-head QK RMSNorm (Qwen3), tied embeddings and Mistral's sliding window.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class ModelConfig:
     rope_scaling_factor: float | None = None  # Llama-3.x RoPE scaling (low 1, high 4, original 8192) when set
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_layernorm: bool = False  # Qwen3: RMSNorm over each query/key head (weights [head_dim]) before RoPE
     sliding_window: int | None = None  # Mistral; needs Transformer Engine unless sequences fit in the window
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
@@ -65,6 +66,8 @@ class ModelConfig:
         attn = h * d * (self.num_attention_heads + 2 * self.query_groups) + self.num_attention_heads * d * h
         if self.qkv_bias:
             attn += d * (self.num_attention_heads + 2 * self.query_groups)
+        if self.qk_layernorm:
+            attn += 2 * d
         mlp = 3 * h * self.ffn_hidden_size
         per_layer = attn + mlp + 2 * h
         total = self.num_layers * per_layer + h
@@ -97,6 +100,12 @@ PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                               num_query_groups=8, vocab_size=32000, max_position_embeddings=32768, norm_epsilon=1e-5,
                               rotary_base=10000.0, sliding_window=4096),
+    "qwen3-0.6b": ModelConfig(num_layers=28, hidden_size=1024, ffn_hidden_size=3072, num_attention_heads=16,
+                              num_query_groups=8, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+                              norm_epsilon=1e-6, rotary_base=1000000.0, tie_embeddings=True, qk_layernorm=True),
+    "qwen3-8b": ModelConfig(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32,
+                            num_query_groups=8, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
+                            norm_epsilon=1e-6, rotary_base=1000000.0, qk_layernorm=True),
     "qwen2.5-0.5b": ModelConfig(num_layers=24, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14,
                                 num_query_groups=2, kv_channels=64, vocab_size=151936, max_position_embeddings=32768,
                                 norm_epsilon=1e-6, rotary_base=1000000.0, tie_embeddings=True, qkv_bias=True),
