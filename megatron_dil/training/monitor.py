@@ -33,8 +33,9 @@ def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -
 
 
 def training_flops_per_token(model: ModelConfig, sequence_length: int) -> float:
-    """6·N + 12·L·(heads·head_dim)·S FLOPs per trained token (the formula beside the code)."""
-    n = model.num_parameters(include_embeddings=False) + model.vocab_size * model.hidden_size
+    """6·N + 12·L·(heads·head_dim)·S FLOPs per trained token (the formula beside the code); N counts the parameters
+    a token passes through (for MoE: the router and its top-k experts)."""
+    n = model.active_parameters(include_embeddings=False) + model.vocab_size * model.hidden_size
     attention = 12 * model.num_layers * model.num_attention_heads * model.head_dim * sequence_length
     return 6 * n + attention
 
