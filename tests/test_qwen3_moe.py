@@ -1,0 +1,188 @@
+"""Qwen3 (QK-norm) and mixture-of-experts models (Qwen3-MoE, Mixtral) against transformers, on real gloo ranks.
+
+One module fixture builds the tiny random HF models and converts them once; one 2-rank launch runs every layout:
+logits at TP=1/TP=2 (Qwen3) and EP=1/EP=2 with both token dispatchers (MoE), and one optimizer step per layout whose
+trained weights are exported and compared tensor by tensor (TP=2 vs TP=1 for the QK-norm weights, whose TP-partial
+gradients Megatron sums only when told the model has QK-norm; EP=2 vs EP=1 for the experts)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.distributed import run_ranks
+from tests.test_convert_models import COMMON, TOKENS, random_model, save_tokenizer
+
+LR, ADAM_EPS = 1e-2, 1e-4
+
+
+def hf_configs() -> dict:
+    from transformers import MixtralConfig, Qwen3Config, Qwen3MoeConfig
+
+    moe = dict(num_experts_per_tok=2, router_aux_loss_coef=0.01)
+    return {
+        "qwen3": Qwen3Config(**COMMON, num_hidden_layers=2, head_dim=24, tie_word_embeddings=False),
+        "qwen3_moe": Qwen3MoeConfig(**COMMON, num_hidden_layers=2, head_dim=16, num_experts=4, moe_intermediate_size=32,
+                                    norm_topk_prob=True, **moe),
+        "mixtral": MixtralConfig(**COMMON, num_hidden_layers=2, num_local_experts=4, **moe),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """name -> {"hf": dir, "logits": fp32 reference, "ckpt": {tp: converted checkpoint}}; plus a fused-expert copy
+    of the Qwen3-MoE model (transformers 5's in-memory layout) as "qwen3_moe_fused"."""
+    from megatron_dil.convert import hf_to_megatron
+
+    root = tmp_path_factory.mktemp("qwen3_moe")
+    out = {}
+    for seed, (name, config) in enumerate(hf_configs().items()):
+        model = random_model(config, seed + 10)
+        directory = root / name
+        model.save_pretrained(directory)
+        save_tokenizer(directory, config.vocab_size)
+        with torch.no_grad():
+            out[name] = {"hf": directory, "logits": model(TOKENS).logits.float()}
+        if name == "qwen3_moe":
+            fused = root / "qwen3_moe_fused"
+            fused.mkdir()
+            config.save_pretrained(fused)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
+            out["qwen3_moe_fused"] = {"hf": fused, "logits": out[name]["logits"]}
+    for name, entry in out.items():
+        tps = (1, 2) if name == "qwen3" else (1,)
+        entry["ckpt"] = {tp: str(root / f"{name}_tp{tp}") for tp in tps}
+        for tp in tps:
+            hf_to_megatron(entry["hf"], entry["ckpt"][tp], tensor_parallel=tp, pipeline_parallel=1, progress=False)
+    return out
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    labels = torch.roll(TOKENS, -1, dims=1)
+    mask = torch.ones(TOKENS.shape, dtype=torch.float32)
+    mask[0, :3] = 0
+    mask[:, -1] = 0
+    return TOKENS, labels, mask
+
+
+def _run_cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
+    """Each case (kind, key, checkpoint, parallel kwargs, output dir): "logits" returns the full-vocabulary logits
+    (on the rank that has them); "step" runs one AdamW step of a token cross-entropy on ``_batch()`` (rows split over
+    DP) with Megatron DDP + the distributed optimizer and saves the trained weights to the output dir."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_dil.convert import MegatronCheckpoint, load_megatron_checkpoint, save_megatron_checkpoint
+    from megatron_dil.models.builder import build_model
+    from megatron_dil.models.forward import forward_logits
+    from megatron_dil.runtime import ParallelConfig, initialize
+    from megatron_dil.training.builders import build_policy
+    from megatron_dil.training.config import InitConfig, RunConfig, TrainConfig
+
+    results = {}
+    seq = TOKENS.shape[1]
+    positions = torch.arange(seq).expand_as(TOKENS)
+    for kind, key, checkpoint, parallel_kwargs, output in cases:
+        model_cfg = MegatronCheckpoint(checkpoint).model
+        parallel = ParallelConfig(**parallel_kwargs)
+        dp = initialize(parallel, model_cfg, seed=5)
+        if kind == "logits":
+            chunks = build_model(model_cfg, max_sequence_length=seq, moe_dispatcher=parallel.expert_dispatcher)
+            load_megatron_checkpoint(chunks, checkpoint)
+            logits = forward_logits(chunks, TOKENS, positions)
+            if logits is not None:
+                shards = [torch.empty_like(logits) for _ in range(parallel.tensor)]
+                torch.distributed.all_gather(shards, logits.contiguous(),
+                                             group=parallel_state.get_tensor_model_parallel_group())
+                results[key] = torch.cat(shards, dim=-1)[..., : model_cfg.vocab_size]
+        else:
+            run = RunConfig(init=InitConfig(checkpoint=checkpoint), parallel=parallel, train=TrainConfig(
+                precision="fp32", lr=LR, adam_eps=ADAM_EPS, weight_decay=0.0, clip_grad=1e6, warmup_fraction=0.0,
+                distributed_optimizer=True, overlap_grad_reduce=False, micro_batch_size=2 // dp,
+                global_batch_size=2, seed=5))
+            wrapped, optimizer = build_policy(model_cfg, run, max_sequence_length=seq)
+            tokens, labels, mask = _batch()
+            rows = slice(parallel_state.get_data_parallel_rank() * 2 // dp, (parallel_state.get_data_parallel_rank()
+                                                                               + 1) * 2 // dp)
+
+            def forward_step(data_iterator, model):
+                def loss_func(logits):
+                    ce = torch.nn.functional.cross_entropy(
+                        _gather_vocab(logits)[..., : model_cfg.vocab_size].flatten(0, 1).float(),
+                        labels[rows].flatten(), reduction="none")
+                    return (ce * mask[rows].flatten()).sum(), mask[rows].sum().to(torch.int), {}
+                return model(tokens[rows], positions[rows], None), loss_func
+
+            optimizer.zero_grad()
+            for chunk in wrapped:
+                chunk.train()
+                chunk.zero_grad_buffer()
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=wrapped[0],
+                                        num_microbatches=1, seq_length=seq, micro_batch_size=2 // dp,
+                                        forward_only=False)
+            ok, grad_norm, _ = optimizer.step()
+            assert ok
+            save_megatron_checkpoint([w.module for w in wrapped], output, model_cfg,
+                                     hf_config=MegatronCheckpoint(checkpoint).hf_config)
+            results[("grad_norm", *key)] = float(grad_norm)
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from the TP shards, differentiable (Megatron's gather along the last dimension)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_qwen3_and_moe_match_transformers_and_train_alike_across_layouts(models, tmp_path):
+    from megatron_dil.convert import megatron_to_hf
+
+    logit_cases = [("qwen3", 1, {}), ("qwen3", 2, {"tensor": 2})]
+    for name in ("qwen3_moe", "mixtral", "qwen3_moe_fused"):
+        logit_cases += [(name, 1, {}), (name, 1, {"expert": 2})]
+    logit_cases += [("mixtral", 1, {"expert": 2, "expert_dispatcher": "allgather"})]
+    step_cases = [("qwen3", 1, {}), ("qwen3", 2, {"tensor": 2}), ("qwen3_moe", 1, {}),
+                  ("qwen3_moe", 1, {"expert": 2}), ("mixtral", 1, {}), ("mixtral", 1, {"expert": 2})]
+    cases = [("logits", (name, json.dumps(p, sort_keys=True)), models[name]["ckpt"][tp], p, "")
+             for name, tp, p in logit_cases]
+    cases += [("step", (name, json.dumps(p, sort_keys=True)), models[name]["ckpt"][tp], p,
+               str(tmp_path / f"step_{name}_{'_'.join(f'{k}{v}' for k, v in p.items()) or 'base'}"))
+              for name, tp, p in step_cases]
+    results = {}
+    for per_rank in run_ranks(_run_cases, 2, cases):
+        results.update(per_rank)
+    for name, _, p in logit_cases:
+        err = (results[(name, json.dumps(p, sort_keys=True))] - models[name]["logits"]).abs().max().item()
+        assert err <= 1e-4, f"{name} at {p}: max |Δlogit| vs transformers = {err:.3g}"
+
+    trained = {}
+    for kind, key, _, _, output in cases:
+        if kind == "step":
+            megatron_to_hf(output, tmp_path / (Path(output).name + "_hf"), progress=False)
+            trained[key] = _hf_tensors(tmp_path / (Path(output).name + "_hf"))
+    for name, reference_layout, other_layout in (("qwen3", {}, {"tensor": 2}), ("qwen3_moe", {}, {"expert": 2}),
+                                                  ("mixtral", {}, {"expert": 2})):
+        reference = trained[(name, json.dumps(reference_layout))]
+        other = trained[(name, json.dumps(other_layout, sort_keys=True))]
+        initial = _hf_tensors(models[name]["hf"])
+        assert reference.keys() == other.keys() == initial.keys(), name
+        assert results[("grad_norm", name, json.dumps(reference_layout))] == pytest.approx(
+            results[("grad_norm", name, json.dumps(other_layout, sort_keys=True))], rel=1e-5), name
+        for key, value in reference.items():
+            moved = (value - initial[key]).abs().max().item()
+            assert moved > 0.1 * LR, f"{name}: {key} did not train"
+            err = (other[key] - value).abs().max().item()
+            assert err <= 1e-5, f"{name}: {key} after one step at {other_layout} differs from {reference_layout} by {err:.3g}"
+    assert any(k.endswith("self_attn.q_norm.weight") for k in trained[("qwen3", "{}")])
