@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.distributed import run_ranks
 from tests.test_convert_models import COMMON, TOKENS, random_model, save_tokenizer
+from tests.test_trainer import TINY_HF, _step0_and_train, run_dict, tiny  # noqa: F401 (tiny: the task fixture)
 
 LR, ADAM_EPS = 1e-2, 1e-4
 
@@ -186,3 +187,51 @@ def test_qwen3_and_moe_match_transformers_and_train_alike_across_layouts(models,
             err = (other[key] - value).abs().max().item()
             assert err <= 1e-5, f"{name}: {key} after one step at {other_layout} differs from {reference_layout} by {err:.3g}"
     assert any(k.endswith("self_attn.q_norm.weight") for k in trained[("qwen3", "{}")])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The DIL trainer on a Qwen3-MoE model at EP=1 and EP=2
+
+def _final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted((run_dir / "final" / "shards").glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_dil_on_moe_has_step0_identities_and_the_same_trajectory_and_weights_at_ep1_and_ep2(tiny):
+    """Same weights, same global batch: EP=1 × DP=2 and EP=2 × DP=2 give the same DIL-LSIF losses and the same final
+    weights (experts under their global index); at step 0 f = 0 exactly although the router aux loss is non-zero
+    (it trains the router through Megatron's autoscaler, never through the preference loss or the log-probs)."""
+    from transformers import Qwen3MoeConfig
+
+    from megatron_dil.convert import hf_to_megatron
+
+    config = Qwen3MoeConfig(**{**TINY_HF, "num_hidden_layers": 2}, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=48, norm_topk_prob=True, router_aux_loss_coef=0.01,
+                            bos_token_id=1, eos_token_id=2)
+    hf_dir, ckpt = tiny["root"] / "qwen3_moe_hf", tiny["root"] / "qwen3_moe_ckpt"
+    random_model(config, 3).save_pretrained(hf_dir)
+    hf_to_megatron(hf_dir, ckpt, tensor_parallel=1, pipeline_parallel=1, progress=False)
+    outs, finals = {}, {}
+    for ep in (1, 2):
+        run_dir = tiny["root"] / f"moe_ep{ep}"
+        run = run_dict(tiny, run_dir, model=None, init={"checkpoint": str(ckpt)}, parallel={"expert": ep},
+                       train={"train_iters": 2})
+        outs[ep] = run_ranks(_step0_and_train, 2, run)[-1]
+        finals[ep] = _final_tensors(run_dir)
+    for ep, out in outs.items():
+        assert out["step0"]["dil_lsif"]["loss"] == pytest.approx(-0.5, abs=1e-6), ep
+        assert out["step0"]["dpo"]["loss"] == pytest.approx(0.6931472, abs=1e-6), ep
+        first = out["history"][0]
+        assert first["loss"] == pytest.approx(-0.5, abs=1e-6) and first["dil/f_chosen"] == pytest.approx(0, abs=1e-6)
+        assert first["moe/load_balancing_loss"] > 0.5 and first["moe/load_imbalance"] >= 1.0, first
+        assert {"moe/load_balancing_loss_layer_1", "moe/load_imbalance_layer_1"} <= first.keys()
+    for a, b in zip(outs[1]["history"], outs[2]["history"], strict=True):
+        for key in ("loss", "rewards/accuracies", "grad_norm", "moe/load_balancing_loss", "moe/load_imbalance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert finals[1].keys() == finals[2].keys()
+    assert any(".local_experts.3." in k for k in finals[2])
+    for key, value in finals[1].items():
+        err = (finals[2][key] - value).abs().max().item()
+        assert err <= 1e-5, f"{key}: EP=2 final weights differ from EP=1 by {err:.3g}"

@@ -85,7 +85,9 @@ class Monitor:
         self.log(f"step {step}/{self.total_steps} | {shown} | grad {scalars['grad_norm']:.3g} | lr "
                  f"{scalars['lr']:.3g} | {scalars['tokens_per_second']:.0f} tok/s {scalars['pairs_per_second']:.1f} "
                  f"pairs/s | MFU {100 * scalars['mfu']:.2f}% | mem {scalars['memory_gib']:.2f} GiB | ETA "
-                 f"{format_seconds(eta)}")
+                 f"{format_seconds(eta)}" + "".join(f" | {label} {scalars[key]:.4g}" for key, label in (
+                     ("moe/load_balancing_loss", "router aux"), ("moe/load_imbalance", "expert imbalance"))
+                     if key in scalars))
         self.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
         self.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
 

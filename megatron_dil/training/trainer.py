@@ -18,6 +18,7 @@ from megatron_dil.data.loader import build_dataloader, build_datasets
 from megatron_dil.data.tokenizer import load_tokenizer
 from megatron_dil.losses import PairLogProbs, PreferenceLoss, build_loss
 from megatron_dil.models.config import ModelConfig
+from megatron_dil.models.moe import MoEMonitor
 from megatron_dil.runtime import distributed as runtime
 from megatron_dil.training.builders import build_policy, build_reference, build_scheduler, params_dtype
 from megatron_dil.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -92,6 +93,8 @@ class Trainer:
         self.setup = LogProbSetup(vocab_size=self.model_config.vocab_size, chunk_size=train.logprob_chunk_size)
         self.policy, self.optimizer = build_policy(self.model_config, run, run.data.max_length)
         self.scheduler = build_scheduler(self.optimizer, train, self.train_iters)
+        self.moe = MoEMonitor([c.module for c in self.policy], self.model_config) if self.model_config.is_moe \
+            else None
         self.collator = PreferenceCollator(self.tokenizer.pad_id, run.data.pad_to_multiple_of, run.data.packing,
                                            run.data.max_length)
         is_logger = dist.get_rank() == dist.get_world_size() - 1
@@ -161,6 +164,8 @@ class Trainer:
                    "pairs_per_second": self.run.train.global_batch_size / seconds, "step_seconds": seconds,
                    "mfu": flops / (self.monitor.peak_flops * world), "memory_gib": peak_memory_gib(),
                    "skipped_steps": float(state.skipped_steps)}
+        if self.moe is not None:  # router aux loss and load imbalance: beside the loss metrics, never inside them
+            scalars.update(self.moe.collect(len(batches)))
         return metrics, scalars
 
     def evaluate(self) -> dict[str, float]:
