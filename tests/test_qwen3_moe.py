@@ -235,3 +235,89 @@ def test_dil_on_moe_has_step0_identities_and_the_same_trajectory_and_weights_at_
     for key, value in finals[1].items():
         err = (finals[2][key] - value).abs().max().item()
         assert err <= 1e-5, f"{key}: EP=2 final weights differ from EP=1 by {err:.3g}"
+
+
+def test_hf_megatron_hf_is_bit_exact_and_fused_experts_read(models, tmp_path):
+    """Import ∘ export = identity (tensors, config.json) for Qwen3 at TP=2 and both MoE families; the fused expert
+    layout converts to the same checkpoint as the per-expert one; the export loads in ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_dil.convert import megatron_to_hf
+
+    for name in ("qwen3", "qwen3_moe", "mixtral"):
+        tp = max(models[name]["ckpt"])
+        exported = tmp_path / f"{name}_hf"
+        megatron_to_hf(models[name]["ckpt"][tp], exported, progress=False)
+        original, roundtrip = _hf_tensors(models[name]["hf"]), _hf_tensors(exported)
+        assert original.keys() == roundtrip.keys(), name
+        for key, tensor in original.items():
+            assert torch.equal(roundtrip[key], tensor), f"{name}: {key}"
+        assert json.loads((exported / "config.json").read_text()) == \
+            json.loads((models[name]["hf"] / "config.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+        with torch.no_grad():
+            assert torch.equal(model(TOKENS).logits, models[name]["logits"]), name
+    per_expert, fused = (Path(models[n]["ckpt"][1]) / "shards" for n in ("qwen3_moe", "qwen3_moe_fused"))
+    files = sorted(p.name for p in per_expert.iterdir())
+    assert files == sorted(p.name for p in fused.iterdir()) and "tp00_experts_l0001_e0000.safetensors" in files
+    for file in files:
+        a, b = load_file(per_expert / file), load_file(fused / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+def test_generated_hf_config_round_trips_for_moe(models):
+    """A config.json written from model_config.yaml alone (no stored HF config) describes the same model."""
+    from megatron_dil.convert import MegatronCheckpoint
+    from megatron_dil.convert.hf_config import hf_config_from_model, model_config_from_hf, same_architecture
+
+    for name in ("qwen3", "qwen3_moe", "mixtral"):
+        model = MegatronCheckpoint(models[name]["ckpt"][1]).model
+        assert same_architecture(model_config_from_hf(hf_config_from_model(model, "float32")), model), name
+
+
+@pytest.mark.parametrize("parallel, world, model_changes, fragments", [
+    (dict(expert=3), 6, dict(num_moe_experts=4), ["num_moe_experts (4)", "expert parallel size 3"]),
+    (dict(expert=4), 6, dict(num_moe_experts=8), ["world size 6", "expert(4)", "= 4"]),
+    (dict(tensor=2), 2, dict(num_moe_experts=4), ["tensor=2", "sequence_parallel", "GPU option"]),
+    (dict(expert=2), 2, {}, ["parallel.expert=2", "num_moe_experts is not set"]),
+    (dict(expert_tensor=2), 2, dict(num_moe_experts=4), ["parallel.expert_tensor=2", "parallel.expert"]),
+])
+def test_bad_expert_layouts_are_refused_in_one_line(parallel, world, model_changes, fragments):
+    import dataclasses
+
+    from megatron_dil.models.config import ModelConfig
+    from megatron_dil.runtime import LayoutError, ParallelConfig, validate_layout
+
+    model = dataclasses.replace(ModelConfig.from_preset("tiny"), **model_changes)
+    with pytest.raises(LayoutError) as err:
+        validate_layout(ParallelConfig(**parallel), world, model)
+    message = str(err.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+
+
+def test_moe_hf_configs_refused_and_presets_sized():
+    from megatron_dil.convert.hf_config import ConversionError, model_config_from_hf
+    from megatron_dil.models.config import ModelConfig
+
+    qwen3_moe = hf_configs()["qwen3_moe"].to_dict()
+    for field, value in (("decoder_sparse_step", 2), ("mlp_only_layers", [0])):
+        with pytest.raises(ConversionError, match=f"{field}="):
+            model_config_from_hf({**qwen3_moe, field: value})
+    with pytest.raises(ConversionError, match="router_jitter_noise"):
+        model_config_from_hf({**hf_configs()["mixtral"].to_dict(), "router_jitter_noise": 0.1})
+    # published sizes: Qwen3-30B-A3B 30.5B total / 3.3B active, Mixtral-8x7B 46.7B / 12.9B, Qwen3-8B 8.2B
+    sizes = {"qwen3-30b-a3b": (30.5e9, 3.3e9), "mixtral-8x7b": (46.7e9, 12.9e9), "qwen3-8b": (8.2e9, 8.2e9)}
+    for preset, (total, active) in sizes.items():
+        model = ModelConfig.from_preset(preset)
+        assert model.num_parameters() == pytest.approx(total, rel=0.01), preset
+        assert model.active_parameters() == pytest.approx(active, rel=0.02), preset
+
+
+def test_recipes_load():
+    from megatron_dil.config import load_config
+    from megatron_dil.training.config import RunConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    qwen3 = load_config(RunConfig, repo / "examples/qwen3-8b/dil_lsif.yaml")
+    moe = load_config(RunConfig, repo / "examples/qwen3-30b-a3b/dil_lsif.yaml")
+    assert qwen3.parallel.tensor == 4 and moe.parallel.expert == 8 and moe.train.global_batch_size == 128

@@ -196,7 +196,8 @@ class Trainer:
         if dist.get_rank() == 0:
             save_config(run, Path(run.output_dir) / "config.yaml")
         self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters | layout TP="
-                         f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size} | micro-batch "
+                         f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size}"
+                         + (f" EP={run.parallel.expert}" if self.model_config.is_moe else "") + " | micro-batch "
                          f"{run.train.micro_batch_size} pairs ({2 * run.train.micro_batch_size} sequences) × "
                          f"{self.accumulation} accumulation × DP {self.dp_size} = global batch "
                          f"{run.train.global_batch_size} pairs | {self.train_iters} steps | loss {self.loss.name}")
