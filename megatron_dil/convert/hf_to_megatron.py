@@ -81,7 +81,8 @@ def _check_hf_weights(weights: HFWeights, expected: dict[str, tuple[int, ...]], 
 def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: int, pipeline_parallel: int,
                    dtype: str | None = None, make_vocab_size_divisible_by: int | None = None,
                    progress: bool = True) -> ConversionSummary:
-    """Convert a HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral directory — or reshard a megatron_dil checkpoint — to ``output_dir``.
+    """Convert a HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral directory — or reshard a megatron_dil checkpoint —
+    to ``output_dir``.
 
     ``dtype`` (float32/bfloat16/float16) casts the weights; None keeps the source dtype. Raises ``ConversionError``
     before writing anything when the input or request is invalid.
@@ -148,7 +149,8 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-dil-hf-to-megatron",
-        description="Convert a Hugging Face Llama-2/3, Mistral, Qwen2, Qwen3, Qwen3-MoE or Mixtral directory (safetensors, sharded or not, or "
+        description="Convert a Hugging Face Llama-2/3, Mistral, Qwen2, Qwen3, Qwen3-MoE or Mixtral directory "
+                    "(safetensors, sharded or not, or "
                     "pytorch_model.bin) into a megatron_dil checkpoint at the given tensor/pipeline-parallel sizes.",
         epilog="Resharding: pass an existing megatron_dil checkpoint as --source to rewrite it at another layout "
                "(e.g. --source ckpt_tp2 --output ckpt_tp4 --tensor-parallel 4). Only the TP size is fixed at load "
