@@ -80,7 +80,7 @@ def _validate_experts(parallel: ParallelConfig, world_size: int, model: ModelCon
     if etp != 1:
         raise LayoutError(f"parallel.expert_tensor={etp} is not supported: experts are stored and run whole "
                           f"(expert_tensor=1); use parallel.expert to spread them")
-    if model is None or not model.is_moe:
+    if model is not None and not model.is_moe:
         if ep > 1:
             raise LayoutError(f"parallel.expert={ep} needs a mixture-of-experts model (num_moe_experts is not set)")
         return
@@ -88,6 +88,8 @@ def _validate_experts(parallel: ParallelConfig, world_size: int, model: ModelCon
     if world_size % expert_grid:
         raise LayoutError(f"world size {world_size} is not divisible by expert({ep}) × expert_tensor({etp}) × "
                           f"pipeline({parallel.pipeline}) = {expert_grid}")
+    if model is None:
+        return
     if model.num_moe_experts % ep:
         raise LayoutError(f"num_moe_experts ({model.num_moe_experts}) is not divisible by expert parallel size {ep}")
     if parallel.tensor > 1 and not parallel.sequence_parallel:
