@@ -84,7 +84,7 @@ def _run_cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
     from megatron_dil.training.builders import build_policy
     from megatron_dil.training.config import InitConfig, RunConfig, TrainConfig
 
-    results = {}
+    results = {"backward_factory": _factory_call_in_custom_backward()}
     seq = TOKENS.shape[1]
     positions = torch.arange(seq).expand_as(TOKENS)
     for kind, key, checkpoint, parallel_kwargs, output in cases:
@@ -132,6 +132,27 @@ def _run_cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
             results[("grad_norm", *key)] = float(grad_norm)
         parallel_state.destroy_model_parallel()
     return results
+
+
+def _factory_call_in_custom_backward() -> torch.Tensor:
+    """A custom autograd backward that allocates with ``device=<int>`` as Megatron's do: the autograd engine runs it
+    with an empty TorchFunctionMode stack, so only the CPU bridge's backward hook maps the device to CPU."""
+    from megatron_dil.runtime import cpu_compat
+
+    cpu_compat.install()
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * torch.full(grad.shape, 2.0, device=torch.cuda.current_device())
+
+    x = torch.ones(3, requires_grad=True)
+    Scale.apply(x).sum().backward()
+    return x.grad
 
 
 def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
@@ -185,6 +206,7 @@ def test_qwen3_and_moe_match_transformers_and_train_alike_across_layouts(models,
     results = {}
     for per_rank in run_ranks(_run_cases, 2, cases):
         results.update(per_rank)
+    assert torch.equal(results["backward_factory"], torch.full((3,), 2.0))
     for name, _, p in logit_cases:
         err = (results[(name, json.dumps(p, sort_keys=True))] - models[name]["logits"]).abs().max().item()
         assert err <= 1e-4, f"{name} at {p}: max |Δlogit| vs transformers = {err:.3g}"
