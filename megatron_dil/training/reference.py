@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -111,8 +112,7 @@ def _precompute(chunks: list, dataset: PreferenceDataset, collator: PreferenceCo
     if parallel_state.get_expert_model_parallel_world_size() > 1 and groups:
         # MoE layers exchange tokens between expert-parallel ranks in every forward pass: ranks with fewer
         # micro-batches repeat their last one (results dropped) so all run the same number of passes
-        dp = parallel_state.get_data_parallel_world_size()
-        longest = -(-(-(-len(dataset) // dp)) // micro_batch_size)
+        longest = math.ceil(math.ceil(len(dataset) / parallel_state.get_data_parallel_world_size()) / micro_batch_size)
         groups += [groups[-1]] * (longest - real)
     ids, sums, counts = [], [], []
     window = 8  # micro-batches per schedule call
