@@ -6,9 +6,11 @@
     hf_config.json                 the source HF config.json, when converted from HF (reused on export)
     tokenizer/                     the HF tokenizer files, when the source had them
     shards/tp{TT}_pp{PPP}.safetensors  one per (tp, pp) rank: canonical keys = local-spec names, GLOBAL layer indices
+    shards/tp00_experts_l{LLLL}_e{EEEE}.safetensors  MoE: whole experts from global index EEEE on, of layer LLLL
 
-Because layer indices are global, a rank finds its layers in whichever pipeline file holds them, so the PP size and
-the virtual-pipeline split are free at load time; only the TP size (the slicing of each tensor) is fixed.
+Because layer (and expert) indices are global, a rank finds its layers and experts in whichever file holds them, so
+the PP size, the virtual-pipeline split and the expert-parallel size are free at load time; only the TP size (the
+slicing of each dense tensor) is fixed.
 Directories are written under ``<path>.partial`` and renamed into place when complete; the manifest is written last.
 
 Integrity (format 2): opening a checkpoint checks every recorded file's size and the small files' digests; a shard's
@@ -34,8 +36,8 @@ from safetensors.torch import save_file
 from megatron_dil.config import ConfigError, from_dict, save_config
 from megatron_dil.convert.hf_config import ConversionError
 from megatron_dil.convert.hf_files import DTYPES, copy_tokenizer, dtype_name
-from megatron_dil.convert.sharding import (EMBEDDING, OUTPUT, TensorParallelLayout, canonical_key, megatron_keys,
-                                           megatron_shard_shape)
+from megatron_dil.convert.sharding import (EMBEDDING, OUTPUT, TensorParallelLayout, canonical_key, expert_file,
+                                           expert_keys, is_expert_key, megatron_keys, megatron_shard_shape)
 from megatron_dil.io import file_digest, publish, record_files, verify_file, verify_files
 from megatron_dil.models.config import ModelConfig
 
@@ -205,6 +207,15 @@ class MegatronCheckpoint:
                     raise ConversionError(f"{self.path / self._file_of[(key, rank)]}: {key} has shape "
                                           f"{list(self.shape(key, rank))} but model_config.yaml implies "
                                           f"{list(expected)} at tensor_parallel={self.layout.tensor_parallel}")
+        if self.model.is_moe:  # experts are whole, stored once (under tensor-parallel rank 0)
+            for layer in range(self.model.num_layers):
+                for key in expert_keys(self.model, layer, range(self.model.num_moe_experts)):
+                    if not self.has(key, 0):
+                        raise ConversionError(f"{self.path}: expert tensor {key} is missing")
+                    if self.shape(key, 0) != megatron_shard_shape(key, self.layout):
+                        raise ConversionError(f"{self.path / self._file_of[(key, 0)]}: {key} has shape "
+                                              f"{list(self.shape(key, 0))} but model_config.yaml implies "
+                                              f"{list(megatron_shard_shape(key, self.layout))}")
 
 
 def write_metadata(directory: Path, manifest: Manifest, model: ModelConfig, tokenizer_dir: str | Path | None,
@@ -228,14 +239,26 @@ def _global_layers(chunk: torch.nn.Module) -> dict[int, int]:
     return {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
 
 
+def _first_local_expert(chunk: torch.nn.Module) -> int:
+    """Global index of this rank's first expert: EP rank × experts per rank (0 for dense models)."""
+    from megatron.core import parallel_state
+
+    experts = chunk.config.num_moe_experts
+    if not experts:
+        return 0
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return parallel_state.get_expert_model_parallel_rank() * (experts // ep)
+
+
 def _canonical_tensors(chunk: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
-    """The chunk's weights under canonical keys (TE ``_extra_state`` and the tied output layer dropped)."""
-    layers = _global_layers(chunk)
+    """The chunk's weights under canonical keys (TE ``_extra_state`` and the tied output layer dropped; experts under
+    their global index)."""
+    layers, first_expert = _global_layers(chunk), _first_local_expert(chunk)
     out = {}
     for name, tensor in chunk.state_dict(keep_vars=True).items():
         if not isinstance(tensor, torch.Tensor) or name.endswith("_extra_state"):
             continue
-        key = canonical_key(name, layers)
+        key = canonical_key(name, layers, first_expert)
         if tied and key == OUTPUT:
             continue
         out[key] = tensor
@@ -243,7 +266,7 @@ def _canonical_tensors(chunk: torch.nn.Module, tied: bool) -> dict[str, torch.Te
 
 
 def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) -> None:
-    """Copy this rank's tensors from the checkpoint at ``path`` into the built model chunks (any PP/VPP split).
+    """Copy this rank's tensors from the checkpoint at ``path`` into the built model chunks (any PP/VPP/EP split).
 
     Refuses with ``CheckpointMismatchError`` when the TP size, padded vocabulary or architecture differ from the built
     model; with tied embeddings, a last pipeline stage reads the output layer from the embedding.
@@ -261,11 +284,11 @@ def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) ->
     built = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
              "ffn_hidden_size": config.ffn_hidden_size, "num_attention_heads": config.num_attention_heads,
              "num_query_groups": config.num_query_groups, "kv_channels": config.kv_channels,
-             "padded_vocab_size": chunks[0].vocab_size}
+             "padded_vocab_size": chunks[0].vocab_size, "num_moe_experts": config.num_moe_experts}
     stored = {"num_layers": model.num_layers, "hidden_size": model.hidden_size,
               "ffn_hidden_size": model.ffn_hidden_size, "num_attention_heads": model.num_attention_heads,
               "num_query_groups": model.query_groups, "kv_channels": model.head_dim,
-              "padded_vocab_size": ckpt.manifest.padded_vocab_size}
+              "padded_vocab_size": ckpt.manifest.padded_vocab_size, "num_moe_experts": model.num_moe_experts}
     for name, value in built.items():
         if stored[name] != value:
             raise CheckpointMismatchError(
@@ -276,7 +299,7 @@ def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) ->
         for chunk in chunks:
             for key, param in _canonical_tensors(chunk, tied=False).items():
                 source_key = EMBEDDING if key == OUTPUT and model.tie_embeddings else key
-                value = ckpt.read(source_key, tp_rank)
+                value = ckpt.read(source_key, 0 if is_expert_key(key) else tp_rank)
                 if tuple(value.shape) != tuple(param.shape):
                     raise CheckpointMismatchError(f"{path}: {source_key} (tp rank {tp_rank}) has shape "
                                                   f"{list(value.shape)}, the model expects {list(param.shape)}")
@@ -286,7 +309,8 @@ def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) ->
 def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig,
                              tokenizer_dir: str | Path | None = None, hf_config: dict[str, Any] | None = None,
                              source: str = "save_megatron_checkpoint") -> None:
-    """Collective: every (tp, pp) rank of the first data/context-parallel replica writes its shard; global rank 0
+    """Collective: every (tp, pp) rank of the first data/context-parallel replica writes its shard, and (MoE) every
+    expert-parallel rank of the first expert-data-parallel replica its experts, one file per layer; global rank 0
     writes manifest, model config, ``hf_config`` (optional, reused by the HF export) and tokenizer, then renames
     ``<path>.partial`` to ``path``. All ranks of the default group must call it."""
     from megatron.core import parallel_state
@@ -300,20 +324,30 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
     dist.barrier()
     tp, pp = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size())
+    tensors: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        tensors.update(_canonical_tensors(chunk, tied=model_cfg.tie_embeddings))
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
-        tensors: dict[str, torch.Tensor] = {}
-        for chunk in chunks:
-            tensors.update(_canonical_tensors(chunk, tied=model_cfg.tie_embeddings))
         name = shard_file(parallel_state.get_tensor_model_parallel_rank(),
                           parallel_state.get_pipeline_model_parallel_rank())
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(partial / name),
-                  metadata={"format": "pt"})
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if not is_expert_key(k)},
+                  str(partial / name), metadata={"format": "pt"})
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    per_rank = (model_cfg.num_moe_experts or 0) // ep
+    if model_cfg.is_moe and parallel_state.get_expert_data_parallel_rank() == 0:
+        first = _first_local_expert(chunks[0])
+        for layer in sorted({int(k.split(".")[2]) for k in tensors if is_expert_key(k)}):
+            keys = expert_keys(model_cfg, layer, range(first, first + per_rank))
+            save_file({k: tensors[k].detach().cpu().contiguous() for k in keys},
+                      str(partial / expert_file(layer, first)), metadata={"format": "pt"})
     dist.barrier()
     if rank == 0:
         dtype = next(chunks[0].parameters()).dtype
         manifest = Manifest(tensor_parallel=tp, pipeline_parallel=pp, padded_vocab_size=model_cfg.padded_vocab_size(tp),
                             vocab_size=model_cfg.vocab_size, dtype=dtype_name(dtype), source=source,
-                            shards=[shard_file(t, p) for p in range(pp) for t in range(tp)])
+                            shards=[shard_file(t, p) for p in range(pp) for t in range(tp)]
+                            + [expert_file(layer, r * per_rank) for layer in range(model_cfg.num_layers)
+                               for r in range(ep if model_cfg.is_moe else 0)])
         write_metadata(partial, manifest, model_cfg, tokenizer_dir, hf_config)
         publish(partial, final)
     dist.barrier()

@@ -1,4 +1,5 @@
-"""Hugging Face ``config.json`` ↔ ``ModelConfig`` for LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM.
+"""Hugging Face ``config.json`` ↔ ``ModelConfig`` for LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM and the mixture-of-experts Qwen3MoeForCausalLM and MixtralForCausalLM.
 
 Reads both the transformers-5 form (``rope_parameters``) and the older one (``rope_theta`` + ``rope_scaling``).
 Anything Megatron-Core cannot reproduce exactly is refused with a ``ConversionError`` naming the field.
@@ -11,7 +12,10 @@ from typing import Any
 
 from megatron_dil.models.config import ModelConfig
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                           "mixtral": "MixtralForCausalLM"}
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral")
 REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
 # Megatron-Core's Llama-3 RoPE scaling hard-codes these three values (only ``factor`` is configurable).
@@ -33,7 +37,7 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def architecture_of(hf: dict[str, Any]) -> str:
-    """The model type (``llama``/``mistral``/``qwen2``), refusing anything else."""
+    """The model type (a key of ``SUPPORTED_ARCHITECTURES``), refusing anything else."""
     architectures = hf.get("architectures") or []
     model_type = hf.get("model_type")
     supported = sorted(SUPPORTED_ARCHITECTURES.values())
@@ -82,8 +86,9 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
         _require(hf, "attention_bias", False, "a Llama o_proj bias has no Megatron counterpart")
     _require(hf, "mlp_bias", False, "the Megatron model has no MLP biases")
     _require(hf, "pretraining_tp", 1, "only the exact (non-sliced) Llama computation is supported")
-    if arch == "qwen2":
-        _require(hf, "use_sliding_window", False, "Qwen2's per-layer sliding window is not implemented")
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
+        _require(hf, "use_sliding_window", False, "Qwen's per-layer sliding window is not implemented")
+    moe = _moe_fields(hf, arch) if arch in MOE_ARCHITECTURES else {}
     theta, scaling = _rope(hf)
     rope_factor = None
     if scaling is not None:
@@ -116,19 +121,47 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
             rope_scaling_factor=rope_factor,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2",
-            sliding_window=optional["sliding_window"] if arch == "mistral" else None,
+            qk_layernorm=arch in ("qwen3", "qwen3_moe"),
+            sliding_window=optional["sliding_window"] if arch in ("mistral", "mixtral") else None,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
             init_method_std=float(hf.get("initializer_range", 0.02)),
+            **moe,
         )
     except ValueError as err:  # ModelConfig's own checks (e.g. heads not a multiple of key/value heads)
         raise ConversionError(f"config.json: {err}") from None
     return model
 
 
+def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """MoE ``ModelConfig`` fields: every layer sparse, no shared expert, routing Megatron reproduces exactly."""
+    if arch == "qwen3_moe":
+        _require(hf, "decoder_sparse_step", 1, "every layer must be a mixture-of-experts layer")
+        _require(hf, "mlp_only_layers", [], "every layer must be a mixture-of-experts layer")
+    else:
+        _require(hf, "router_jitter_noise", 0.0, "Megatron-Core has no multiplicative router jitter")
+    return dict(
+        num_moe_experts=_integer(hf, "num_experts", False) or _integer(hf, "num_local_experts", False)
+        or (128 if arch == "qwen3_moe" else 8),
+        moe_ffn_hidden_size=_integer(hf, "moe_intermediate_size" if arch == "qwen3_moe" else "intermediate_size", True),
+        moe_router_topk=_integer(hf, "num_experts_per_tok", False) or 2,
+        moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if arch == "qwen3_moe" else True,
+        moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+
+
 def hf_config_from_model(model: ModelConfig, dtype: str) -> dict[str, Any]:
-    """A transformers-5 ``config.json`` for a ``ModelConfig`` (Qwen2 when it has QKV bias, Mistral with a sliding
-    window, Llama otherwise)."""
-    arch = "qwen2" if model.qkv_bias else "mistral" if model.sliding_window is not None else "llama"
+    """A transformers-5 ``config.json`` for a ``ModelConfig`` (Qwen3 when it has QK-norm, Qwen2 when it has QKV bias,
+    Mistral with a sliding window, Llama otherwise)."""
+    if model.qk_layernorm and model.qkv_bias:
+        raise ConversionError("no Hugging Face architecture has both QK-norm and QKV bias (qk_layernorm, qkv_bias)")
+    if model.is_moe:
+        arch = "qwen3_moe" if model.qk_layernorm else "mixtral"
+        if model.qkv_bias or (arch == "mixtral" and not model.moe_norm_topk_prob):
+            raise ConversionError(f"no Hugging Face MoE architecture matches this model (qkv_bias={model.qkv_bias}, "
+                                  f"moe_norm_topk_prob={model.moe_norm_topk_prob}, qk_layernorm=False)")
+    else:
+        arch = ("qwen3" if model.qk_layernorm else "qwen2" if model.qkv_bias else
+                "mistral" if model.sliding_window is not None else "llama")
     rope: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_type": "default"}
     if model.rope_scaling_factor is not None:
         rope = {**rope, "rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_FIXED_ROPE_SCALING}
@@ -151,12 +184,22 @@ def hf_config_from_model(model: ModelConfig, dtype: str) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "dtype": dtype,
     }
+    if arch in ("llama", "qwen3", "qwen3_moe"):
+        config.update(attention_bias=False)
     if arch == "llama":
-        config.update(attention_bias=False, mlp_bias=False)
-    if arch == "mistral":
+        config.update(mlp_bias=False)
+    if arch in ("mistral", "mixtral"):
         config["sliding_window"] = model.sliding_window
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3", "qwen3_moe"):
         config.update(use_sliding_window=False, sliding_window=None)
+    if arch == "qwen3_moe":
+        config.update(num_experts=model.num_moe_experts, moe_intermediate_size=model.expert_ffn_hidden_size,
+                      norm_topk_prob=model.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "mixtral":
+        config.update(num_local_experts=model.num_moe_experts, intermediate_size=model.expert_ffn_hidden_size,
+                      router_jitter_noise=0.0)
+    if model.is_moe:
+        config.update(num_experts_per_tok=model.moe_router_topk, router_aux_loss_coef=model.moe_aux_loss_coeff)
     return config
 
 
@@ -164,5 +207,6 @@ def same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     """Equal in every field that changes the computed function (padding divisor and init/dropout excluded)."""
     fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "query_groups",
               "head_dim", "norm_epsilon", "rotary_base", "rope_scaling_factor", "tie_embeddings", "qkv_bias",
-              "sliding_window", "max_position_embeddings")
+              "qk_layernorm", "sliding_window", "max_position_embeddings", "num_moe_experts", "expert_ffn_hidden_size",
+              "moe_router_topk", "moe_norm_topk_prob")
     return all(getattr(a, f) == getattr(b, f) for f in fields)

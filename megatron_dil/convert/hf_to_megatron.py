@@ -21,8 +21,8 @@ from megatron_dil.convert.checkpoint import (Manifest, MegatronCheckpoint, is_me
                                              write_metadata)
 from megatron_dil.convert.hf_config import ConversionError, model_config_from_hf, read_hf_config
 from megatron_dil.convert.hf_files import HFWeights, dtype_name, parse_dtype
-from megatron_dil.convert.sharding import (TensorParallelLayout, hf_shapes, hf_tensor, megatron_keys,
-                                           megatron_shard, validate_pipeline)
+from megatron_dil.convert.sharding import (TensorParallelLayout, expert_file, expert_keys, hf_shapes, hf_tensor,
+                                           megatron_keys, megatron_shard, moe_names, validate_pipeline)
 from megatron_dil.io import IntegrityError, publish
 
 
@@ -82,7 +82,8 @@ def _check_hf_weights(weights: HFWeights, expected: dict[str, tuple[int, ...]], 
 def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: int, pipeline_parallel: int,
                    dtype: str | None = None, make_vocab_size_divisible_by: int | None = None,
                    progress: bool = True) -> ConversionSummary:
-    """Convert a HF Llama/Mistral/Qwen2 directory — or reshard a megatron_dil checkpoint — to ``output_dir``.
+    """Convert a HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral directory — or reshard a megatron_dil checkpoint —
+    to ``output_dir``.
 
     ``dtype`` (float32/bfloat16/float16) casts the weights; None keeps the source dtype. Raises ``ConversionError``
     before writing anything when the input or request is invalid.
@@ -98,6 +99,7 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         if make_vocab_size_divisible_by is not None:
             model = type(model)(**{**model.__dict__, "make_vocab_size_divisible_by": make_vocab_size_divisible_by})
         reader, source_dtype, closer = _MegatronAsHF(ckpt), parse_dtype(ckpt.manifest.dtype), None
+        fused = False
     else:
         hf_config = read_hf_config(source)
         try:
@@ -105,9 +107,10 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         except ConversionError as err:  # its messages start with "config.json": name the file in full
             raise ConversionError(f"{source}/{err}") from None
         weights = HFWeights(source)
-        source_dtype = _check_hf_weights(weights, hf_shapes(model), model.tie_embeddings)
+        fused = model.is_moe and any(k.endswith(moe_names(model).fused_gate_up) for k in weights.keys())
+        source_dtype = _check_hf_weights(weights, hf_shapes(model, fused), model.tie_embeddings)
         reader, tokenizer_dir, closer = weights, source, weights
-    layout = TensorParallelLayout(model, tensor_parallel)
+    layout = TensorParallelLayout(model, tensor_parallel, hf_fused_experts=fused)
     validate_pipeline(model, pipeline_parallel)
     out_dtype = target_dtype or source_dtype
     per_stage = model.num_layers // pipeline_parallel
@@ -117,18 +120,23 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
     tensors = bytes_written = 0
     try:
         ranks = [(t, p) for p in range(pipeline_parallel) for t in range(tensor_parallel)]
-        for tp_rank, pp_rank in tqdm(ranks, desc="shard files", disable=not progress):
-            keys = megatron_keys(model, range(pp_rank * per_stage, (pp_rank + 1) * per_stage),
-                                 pp_rank == 0, pp_rank == pipeline_parallel - 1)
+        # TP-sharded files, one per (tp, pp) rank; then MoE experts whole, one file per layer (a layer's experts are
+        # the largest unit held in memory)
+        files = [(shard_file(t, p), megatron_keys(model, range(p * per_stage, (p + 1) * per_stage), p == 0,
+                                                  p == pipeline_parallel - 1), t) for t, p in ranks]
+        if model.is_moe:
+            files += [(expert_file(layer, 0), expert_keys(model, layer, range(model.num_moe_experts)), 0)
+                      for layer in range(model.num_layers)]
+        for name, keys, tp_rank in tqdm(files, desc="shard files", disable=not progress):
             shard = {k: megatron_shard(k, reader.read, layout, tp_rank).to(out_dtype).contiguous() for k in keys}
-            save_file(shard, str(partial / shard_file(tp_rank, pp_rank)), metadata={"format": "pt"})
+            save_file(shard, str(partial / name), metadata={"format": "pt"})
             tensors += len(shard)
             bytes_written += sum(t.numel() * t.element_size() for t in shard.values())
             del shard
         manifest = Manifest(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                             padded_vocab_size=layout.padded_vocab, vocab_size=model.vocab_size,
                             dtype=dtype_name(out_dtype), source=str(source.resolve()),
-                            shards=[shard_file(t, p) for t, p in ranks])
+                            shards=[name for name, _, _ in files])
         tokenizer_files = write_metadata(partial, manifest, model,
                                          tokenizer_dir if tokenizer_dir.is_dir() else None, hf_config)
         publish(partial, output)
@@ -139,13 +147,14 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         if closer is not None:
             closer.__exit__(None, None, None)
     return ConversionSummary(str(output), tensor_parallel, pipeline_parallel, layout.padded_vocab, model.vocab_size,
-                             dtype_name(out_dtype), len(ranks), tensors, bytes_written, tokenizer_files)
+                             dtype_name(out_dtype), len(files), tensors, bytes_written, tokenizer_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-dil-hf-to-megatron",
-        description="Convert a Hugging Face Llama-2/3, Mistral or Qwen2 directory (safetensors, sharded or not, or "
+        description="Convert a Hugging Face Llama-2/3, Mistral, Qwen2, Qwen3, Qwen3-MoE or Mixtral directory "
+                    "(safetensors, sharded or not, or "
                     "pytorch_model.bin) into a megatron_dil checkpoint at the given tensor/pipeline-parallel sizes.",
         epilog="Resharding: pass an existing megatron_dil checkpoint as --source to rewrite it at another layout "
                "(e.g. --source ckpt_tp2 --output ckpt_tp4 --tensor-parallel 4). Only the TP size is fixed at load "

@@ -8,6 +8,7 @@ With TP size t, rank r, nh heads, ng query groups, head dim d, hidden H, FFN F, 
 | input_layernorm.weight                   | input_layernorm.weight            | replicated                                  |
 | self_attention.linear_qkv.{weight,bias}  | self_attn.{q,k,v}_proj.{..}       | groups g ∈ [r·ng/t, (r+1)·ng/t), each as    |
 |                                          |                                   | [q heads of g (nh/ng·d rows); k_g (d); v_g (d)] |
+| self_attention.{q,k}_layernorm.weight    | self_attn.{q,k}_norm.weight       | replicated (Qwen3 QK-norm, [d])             |
 | self_attention.linear_proj.weight        | self_attn.o_proj.weight           | columns [r·nh·d/t, (r+1)·nh·d/t)            |
 | pre_mlp_layernorm.weight                 | post_attention_layernorm.weight   | replicated                                  |
 | mlp.linear_fc1.weight                    | mlp.{gate,up}_proj.weight         | [gate rows r·F/t..; up rows r·F/t..]        |
@@ -15,6 +16,19 @@ With TP size t, rank r, nh heads, ng query groups, head dim d, hidden H, FFN F, 
 | embedding.word_embeddings.weight         | model.embed_tokens.weight         | rows [r·Vp/t, (r+1)·Vp/t), rows ≥ V zero    |
 | decoder.final_layernorm.weight           | model.norm.weight                 | replicated                                  |
 | output_layer.weight (untied only)        | lm_head.weight                    | as the embedding                            |
+
+Mixture-of-experts layers (E experts of width Fe) replace the two MLP rows with a router and E experts, stored WHOLE
+(not split over TP) under their GLOBAL expert index e, in tensor-parallel rank 0's expert files
+(``shards/tp00_experts_l{layer}_e{first expert}.safetensors``), so a checkpoint loads at any expert-parallel size:
+
+| Megatron key (layer i)                          | HF Qwen3-MoE key (Mixtral: block_sparse_moe., w1/w3/w2) | shard   |
+|-------------------------------------------------|---------------------------------------------------------|---------|
+| mlp.router.weight [E, H]                        | mlp.gate.weight                                         | replicated |
+| mlp.experts.local_experts.e.linear_fc1.weight   | mlp.experts.e.{gate,up}_proj.weight ([gate; up], 2Fe×H) | whole   |
+| mlp.experts.local_experts.e.linear_fc2.weight   | mlp.experts.e.down_proj.weight (H×Fe)                   | whole   |
+
+transformers 5 writes the per-expert form above; its in-memory fused form (``mlp.experts.gate_up_proj`` [E, 2Fe, H]
+with gate first, ``mlp.experts.down_proj`` [E, H, Fe], ``mlp.gate.weight``) is read too.
 
 Every mapping is slicing and concatenation only, so a round trip is bit-exact.
 """
@@ -34,6 +48,8 @@ _GLOBAL = {EMBEDDING: ("model.embed_tokens.weight", "vocab"), FINAL_NORM: ("mode
            OUTPUT: ("lm_head.weight", "vocab")}
 _LAYER = {  # Megatron suffix -> (HF suffix, kind); fused tensors list their HF parts
     "input_layernorm.weight": ("input_layernorm.weight", "replicated"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", "replicated"),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", "replicated"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "column"),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", "replicated"),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight", "column"),
@@ -42,6 +58,9 @@ _QKV = {"self_attention.linear_qkv.weight": "weight", "self_attention.linear_qkv
 _FC1 = "mlp.linear_fc1.weight"
 _TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+_ROUTER = "mlp.router.weight"
+_EXPERT_KEY = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_TE_EXPERT_KEY = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")  # grouped GEMM (TE spec)
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -50,9 +69,50 @@ ShardRead = Callable[[str, int], torch.Tensor]  # (canonical Megatron key, tp ra
 
 
 @dataclass(frozen=True)
+class MoENames:
+    """Hugging Face names of one MoE layer's router and experts (relative to ``model.layers.{i}.``)."""
+
+    router: str
+    expert: str  # per-expert prefix, formatted with the expert index
+    gate: str
+    up: str
+    down: str
+    fused_gate_up: str = "mlp.experts.gate_up_proj"  # transformers-5 in-memory form: [E, 2Fe, H], gate rows first
+    fused_down: str = "mlp.experts.down_proj"  # [E, H, Fe]
+    fused_router: str = "mlp.gate.weight"
+
+
+QWEN3_MOE_NAMES = MoENames("mlp.gate.weight", "mlp.experts.{}.", "gate_proj.weight", "up_proj.weight",
+                           "down_proj.weight")
+MIXTRAL_NAMES = MoENames("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.", "w1.weight", "w3.weight",
+                         "w2.weight")
+
+
+def moe_names(model: ModelConfig) -> MoENames:
+    """Qwen3-MoE (the MoE family with QK-norm) or Mixtral naming."""
+    return QWEN3_MOE_NAMES if model.qk_layernorm else MIXTRAL_NAMES
+
+
+def is_expert_key(key: str) -> bool:
+    """A canonical per-expert key (stored whole, in tensor-parallel rank 0's expert files)."""
+    match = _LAYER_KEY.match(key)
+    return bool(match and _EXPERT_KEY.match(match.group(2)))
+
+
+def expert_keys(model: ModelConfig, layer: int, experts: range) -> list[str]:
+    return [f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{fc}.weight" for e in experts
+            for fc in ("linear_fc1", "linear_fc2")]
+
+
+def expert_file(layer: int, first_expert: int) -> str:
+    return f"shards/tp00_experts_l{layer:04d}_e{first_expert:04d}.safetensors"
+
+
+@dataclass(frozen=True)
 class TensorParallelLayout:
     model: ModelConfig
     tensor_parallel: int
+    hf_fused_experts: bool = False  # the HF source stores experts fused (transformers-5 in-memory form)
 
     def __post_init__(self) -> None:
         m, t = self.model, self.tensor_parallel
@@ -71,20 +131,31 @@ def validate_pipeline(model: ModelConfig, pipeline_parallel: int) -> None:
         raise ConversionError(f"pipeline_parallel={pipeline_parallel} does not divide num_layers={model.num_layers}")
 
 
-def canonical_key(local_key: str, global_layer_of: dict[int, int]) -> str:
-    """A model chunk's state-dict key (local or TE spec, stage-local layer index) as its canonical checkpoint key."""
+def canonical_key(local_key: str, global_layer_of: dict[int, int], first_expert: int = 0) -> str:
+    """A model chunk's state-dict key (local or TE spec, stage-local layer index, rank-local expert index) as its
+    canonical checkpoint key; ``first_expert`` is the global index of this rank's first expert (EP rank × E/EP)."""
     match = _LAYER_KEY.match(local_key)
     if not match:
         return local_key
     suffix = _TE_NAMES.get(match.group(2), match.group(2))
+    expert = _EXPERT_KEY.match(suffix)
+    grouped = _TE_EXPERT_KEY.match(suffix)
+    if expert:
+        suffix = f"mlp.experts.local_experts.{int(expert.group(1)) + first_expert}.{expert.group(2)}.weight"
+    elif grouped:
+        suffix = f"mlp.experts.local_experts.{int(grouped.group(2)) + first_expert}.{grouped.group(1)}.weight"
     return f"decoder.layers.{global_layer_of[int(match.group(1))]}.{suffix}"
 
 
 def megatron_keys(model: ModelConfig, layers: range, first_stage: bool, last_stage: bool) -> list[str]:
-    """Canonical keys held by a pipeline stage owning ``layers`` (the tied output layer is the embedding)."""
+    """Canonical keys held by a pipeline stage owning ``layers`` in its TP-sharded files (the tied output layer is the
+    embedding; MoE experts are listed by ``expert_keys``)."""
     per_layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
     per_layer += ["self_attention.linear_qkv.bias"] if model.qkv_bias else []
-    per_layer += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", _FC1, "mlp.linear_fc2.weight"]
+    if model.qk_layernorm:
+        per_layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
+    per_layer += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight"]
+    per_layer += [_ROUTER] if model.is_moe else [_FC1, "mlp.linear_fc2.weight"]
     keys = [EMBEDDING] if first_stage else []
     keys += [f"decoder.layers.{i}.{s}" for i in layers for s in per_layer]
     if last_stage:
@@ -92,8 +163,8 @@ def megatron_keys(model: ModelConfig, layers: range, first_stage: bool, last_sta
     return keys
 
 
-def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor of the model with its shape (``lm_head`` only when untied)."""
+def hf_shapes(model: ModelConfig, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of the model with its shape (``lm_head`` only when untied; MoE experts per expert, or fused)."""
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     nh, ng = model.num_attention_heads, model.query_groups
     shapes = {"model.embed_tokens.weight": (model.vocab_size, h)}
@@ -104,17 +175,34 @@ def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         if model.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (nh * d,), p + "self_attn.k_proj.bias": (ng * d,),
                            p + "self_attn.v_proj.bias": (ng * d,)})
-        shapes.update({p + "self_attn.o_proj.weight": (h, nh * d), p + "post_attention_layernorm.weight": (h,),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
+        if model.qk_layernorm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        shapes.update({p + "self_attn.o_proj.weight": (h, nh * d), p + "post_attention_layernorm.weight": (h,)})
+        if model.is_moe:
+            shapes.update(_hf_expert_shapes(model, p, fused_experts))
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                           p + "mlp.down_proj.weight": (h, f)})
     shapes["model.norm.weight"] = (h,)
     if not model.tie_embeddings:
         shapes["lm_head.weight"] = (model.vocab_size, h)
     return shapes
 
 
+def _hf_expert_shapes(model: ModelConfig, prefix: str, fused: bool) -> dict[str, tuple[int, ...]]:
+    h, fe, e, names = model.hidden_size, model.expert_ffn_hidden_size, model.num_moe_experts, moe_names(model)
+    if fused:
+        return {prefix + names.fused_router: (e, h), prefix + names.fused_gate_up: (e, 2 * fe, h),
+                prefix + names.fused_down: (e, h, fe)}
+    shapes = {prefix + names.router: (e, h)}
+    for j in range(e):
+        expert = prefix + names.expert.format(j)
+        shapes.update({expert + names.gate: (fe, h), expert + names.up: (fe, h), expert + names.down: (h, fe)})
+    return shapes
+
+
 def megatron_shard_shape(key: str, layout: TensorParallelLayout) -> tuple[int, ...]:
-    """Shape of rank r's shard of canonical ``key`` (the same on every rank)."""
+    """Shape of rank r's shard of canonical ``key`` (the same on every rank; experts are whole)."""
     m, t = layout.model, layout.tensor_parallel
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     qkv_rows = (m.num_attention_heads + 2 * m.query_groups) * d // t
@@ -122,7 +210,14 @@ def megatron_shard_shape(key: str, layout: TensorParallelLayout) -> tuple[int, .
         return (layout.padded_vocab // t, h)
     match = _LAYER_KEY.match(key)
     suffix = match.group(2) if match else key
+    expert = _EXPERT_KEY.match(suffix)
+    if expert:
+        fe = m.expert_ffn_hidden_size
+        return (2 * fe, h) if expert.group(2) == "linear_fc1" else (h, fe)
+    if suffix == _ROUTER:
+        return (m.num_moe_experts, h)
     return {"input_layernorm.weight": (h,), "pre_mlp_layernorm.weight": (h,), FINAL_NORM: (h,),
+            "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,),
             "self_attention.linear_qkv.weight": (qkv_rows, h), "self_attention.linear_qkv.bias": (qkv_rows,),
             "self_attention.linear_proj.weight": (h, m.num_attention_heads * d // t),
             _FC1: (2 * f // t, h), "mlp.linear_fc2.weight": (h, f // t)}[suffix]
@@ -157,6 +252,8 @@ def megatron_shard(key: str, read: HFRead, layout: TensorParallelLayout, rank: i
             shard[: stop - start] = real
         return shard
     prefix, suffix = _split(key)
+    if suffix == _ROUTER or _EXPERT_KEY.match(suffix):
+        return _hf_expert_read(prefix, suffix, read, layout)
     if suffix in _QKV:
         param = _QKV[suffix]
         d, groups = m.head_dim, m.query_groups // t
@@ -179,6 +276,21 @@ def megatron_shard(key: str, read: HFRead, layout: TensorParallelLayout, rank: i
     return read(prefix + hf_suffix, 1, rank * cols, (rank + 1) * cols)
 
 
+def _hf_expert_read(prefix: str, suffix: str, read: HFRead, layout: TensorParallelLayout) -> torch.Tensor:
+    """Router or one whole expert (fc1 = [gate; up], fc2 = down) from either HF expert layout."""
+    names, fused = moe_names(layout.model), layout.hf_fused_experts
+    if suffix == _ROUTER:
+        return read(prefix + (names.fused_router if fused else names.router), 0, None, None)
+    index, fc = _EXPERT_KEY.match(suffix).groups()
+    e = int(index)
+    if fused:
+        return read(prefix + (names.fused_gate_up if fc == "linear_fc1" else names.fused_down), 0, e, e + 1)[0]
+    expert = prefix + names.expert.format(e)
+    if fc == "linear_fc1":
+        return torch.cat([read(expert + names.gate, 0, None, None), read(expert + names.up, 0, None, None)])
+    return read(expert + names.down, 0, None, None)
+
+
 def hf_keys(model: ModelConfig) -> list[str]:
     return list(hf_shapes(model))
 
@@ -197,6 +309,16 @@ def hf_tensor(hf_key: str, read_shard: ShardRead, layout: TensorParallelLayout) 
     if not match:
         raise ConversionError(f"unexpected Hugging Face tensor {hf_key}")
     prefix, suffix = f"decoder.layers.{match.group(1)}.", match.group(2)
+    if m.is_moe:
+        names = moe_names(m)
+        if suffix == names.router:
+            return read_shard(prefix + _ROUTER, 0)
+        expert = re.match("^" + re.escape(names.expert).replace(r"\{\}", r"(\d+)") + r"(.+)$", suffix)
+        if expert and expert.group(2) in (names.gate, names.up, names.down):
+            part, fe = expert.group(2), m.expert_ffn_hidden_size
+            fc = "linear_fc2" if part == names.down else "linear_fc1"
+            whole = read_shard(f"{prefix}mlp.experts.local_experts.{expert.group(1)}.{fc}.weight", 0)
+            return {names.gate: whole[:fe], names.up: whole[fe:], names.down: whole}[part]
     attn = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", suffix)
     if attn:
         part, param = attn.groups()

@@ -38,9 +38,31 @@ def fused_softmax_available() -> bool:
     return torch.cuda.is_available() and all(importlib.util.find_spec(m) is not None for m in FUSED_SOFTMAX_KERNELS)
 
 
+def moe_settings(model: ModelConfig, dispatcher: str = "alltoall") -> dict:
+    """TransformerConfig MoE fields reproducing Hugging Face routing (empty for a dense model).
+
+    HF Qwen3-MoE/Mixtral: p = softmax(logits) in fp32, top-k of p, renormalised when ``norm_topk_prob``. Megatron's
+    default (score after top-k: softmax over the k selected logits) equals the renormalised form exactly; without
+    renormalisation ``moe_router_pre_softmax`` takes the softmax over all experts first. Grouped GEMM needs Transformer
+    Engine (GPU); on CPU the experts run one after another (``SequentialMLP``).
+    """
+    if not model.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=model.num_moe_experts, moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_topk=model.moe_router_topk, moe_router_score_function="softmax",
+        moe_router_pre_softmax=not model.moe_norm_topk_prob, moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff, moe_z_loss_coeff=model.moe_z_loss_coeff,
+        moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=transformer_engine_available(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size())
+
+
 def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
-                       sequence_parallel: bool = False, recompute: bool = False) -> TransformerConfig:
-    """The ``TransformerConfig`` for this model under the current parallel state (TP/PP/CP sizes read from it)."""
+                       sequence_parallel: bool = False, recompute: bool = False,
+                       moe_dispatcher: str = "alltoall") -> TransformerConfig:
+    """The ``TransformerConfig`` for this model under the current parallel state (TP/PP/CP/EP sizes read from it)."""
     bf16, fp16 = params_dtype == torch.bfloat16, params_dtype == torch.float16
     on_cpu = not torch.cuda.is_available()
     extra = {}
@@ -48,6 +70,7 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
         extra["window_size"] = attention_window(model.sliding_window)
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    extra.update(moe_settings(model, moe_dispatcher))
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -61,6 +84,7 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,  # also makes finalize_model_grads sum the QK-norm grads over TP ranks
         attention_dropout=model.attention_dropout,
         hidden_dropout=model.hidden_dropout,
         init_method_std=model.init_method_std,
@@ -89,7 +113,8 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
 
 
 def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                recompute: bool = False, max_sequence_length: int | None = None) -> list[GPTModel]:
+                recompute: bool = False, max_sequence_length: int | None = None,
+                moe_dispatcher: str = "alltoall") -> list[GPTModel]:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without interleaving).
 
     The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP].
@@ -102,13 +127,15 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
         raise ValueError("sequence_parallel needs Transformer Engine (GPU): the local layer spec's torch norms do not "
                          "support it")
     config = transformer_config(model, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                                recompute=recompute)
+                                recompute=recompute, moe_dispatcher=moe_dispatcher)
+    experts = dict(num_experts=model.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     if transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, **experts)
     else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_layernorm,
+                                              **experts)
         if model.sliding_window is not None:
             layer_spec.submodules.self_attention.submodules.core_attention = SlidingWindowDotProductAttention
     vocab = model.padded_vocab_size(parallel_state.get_tensor_model_parallel_world_size())

@@ -14,6 +14,13 @@ What is covered, and where Megatron-Core (0.16) needs it:
 | ``torch.cuda.synchronize()`` / streams / events      | ``p2p_communication.py``, timers        | no-ops                    |
 | CUDA RNG tracker ``get_cuda_rng_tracker().fork()``   | tensor-parallel init, dropout           | CPU generator states      |
 | ``param.type() == 'torch.cuda.FloatTensor'`` checks  | ``optimizer/optimizer.py``, clip_grads  | reports the CUDA name     |
+| factory calls inside ``autograd.Function.backward``  | tensor-parallel mappings, MoE (all      | the mode re-entered around|
+|   (the autograd engine runs them with an empty mode  |   custom backward code)                 |   custom backward nodes   |
+|   stack)                                             |                                         |                           |
+| ``te_general_gemm`` (TE-only name)                   | ``moe/moe_utils.py`` router GEMM        | set to None (torch GEMM)  |
+| ``stream.record_event()``                            | ``moe/token_dispatcher.py`` (alltoall)  | returns a no-op event     |
+| split sizes via ``maybe_move_tensor_to_cpu``         | alltoall dispatcher: only CUDA tensors  | CPU tensors → NumPy, as   |
+|   (``as_numpy=True``)                                |   are converted, gloo needs sizes       |   the GPU path gives      |
 
 Factory-call rewriting uses a ``torch.overrides.TorchFunctionMode`` pushed for the process (thread-local in torch; the
 trainer runs single-threaded). Everything here is idempotent.
@@ -71,8 +78,22 @@ class _Stream:
     def synchronize(self) -> None:
         pass
 
+    def record_event(self, event: Any = None) -> "_Event":
+        return _Event()
 
-class _Event(_Stream):
+
+class _Event:
+    """Stand-in for ``torch.cuda.Event``: already complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
     def record(self, stream: Any = None) -> None:
         pass
 
@@ -119,6 +140,37 @@ def _patch_rng_tracker() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_custom_backward(mode: TorchFunctionMode) -> None:
+    """Run custom autograd backward code under ``mode`` too: the engine calls it with an empty mode stack."""
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch._C._len_torch_function_stack():
+            return original(self, *args)
+        with mode:
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
+def _patch_moe() -> None:
+    """Megatron-Core's MoE code paths that name CUDA-only objects (see the table above)."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def install() -> bool:
     """Install the CPU bridge when CUDA is unavailable; return whether it is active. No-op with a GPU."""
     global _installed
@@ -137,7 +189,10 @@ def install() -> bool:
     torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
     torch.cuda.set_device = lambda *args, **kwargs: None
     _patch_rng_tracker()
-    _CudaToCpuMode().__enter__()
+    _patch_moe()
+    mode = _CudaToCpuMode()
+    _patch_custom_backward(mode)
+    mode.__enter__()
     _installed = True
     return True
 

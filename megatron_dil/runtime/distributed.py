@@ -1,6 +1,8 @@
 """torch.distributed + Megatron ``parallel_state`` from torchrun's environment, validated up front.
 
-World layout (Megatron order tp-cp-dp-pp): world = TP × CP × PP × DP, so DP = world / (TP·CP·PP).
+World layout (Megatron order tp-cp-dp-pp): world = TP × CP × PP × DP, so DP = world / (TP·CP·PP). Mixture-of-experts
+layers use a second grid over the same ranks (tp-cp-ep-dp-pp with the expert TP size): expert parallelism EP splits
+the experts across the data-parallel ranks, so EP must divide DP·CP·TP/ETP and the number of experts.
 Backend: NCCL with CUDA, gloo without (then the CPU bridge in ``cpu_compat`` is installed).
 """
 from __future__ import annotations
@@ -31,16 +33,21 @@ class ParallelConfig:
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B); None = not interleaved
     context: int = 1
     sequence_parallel: bool = False  # GPU option: shard activations along the sequence inside TP regions
+    expert: int = 1  # expert parallelism (MoE): each rank of an EP group holds num_moe_experts / EP experts
+    expert_tensor: int = 1  # tensor parallelism inside each expert; experts are stored whole, so 1 for now
+    expert_dispatcher: str = "alltoall"  # MoE token dispatcher: alltoall | allgather
     timeout_minutes: int = 30
 
     def __post_init__(self) -> None:
-        for name in ("tensor", "pipeline", "context"):
+        for name in ("tensor", "pipeline", "context", "expert", "expert_tensor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.virtual_pipeline is not None and (self.virtual_pipeline < 1 or self.pipeline == 1):
             raise ValueError("virtual_pipeline needs pipeline > 1 and a value >= 1")
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError("sequence_parallel needs tensor > 1")
+        if self.expert_dispatcher not in ("alltoall", "allgather"):
+            raise ValueError(f"expert_dispatcher must be alltoall or allgather, not {self.expert_dispatcher!r}")
 
 
 def validate_layout(parallel: ParallelConfig, world_size: int, model: ModelConfig | None = None) -> int:
@@ -63,7 +70,32 @@ def validate_layout(parallel: ParallelConfig, world_size: int, model: ModelConfi
         if model.num_layers % stages:
             raise LayoutError(f"num_layers ({model.num_layers}) is not divisible by pipeline({parallel.pipeline}) × "
                               f"virtual_pipeline({parallel.virtual_pipeline or 1}) = {stages}")
+    _validate_experts(parallel, world_size, model)
     return world_size // model_parallel
+
+
+def _validate_experts(parallel: ParallelConfig, world_size: int, model: ModelConfig | None) -> None:
+    """Expert-parallel sizes against the world and the model (MoE × TP needs sequence parallelism, a GPU option)."""
+    ep, etp = parallel.expert, parallel.expert_tensor
+    if etp != 1:
+        raise LayoutError(f"parallel.expert_tensor={etp} is not supported: experts are stored and run whole "
+                          f"(expert_tensor=1); use parallel.expert to spread them")
+    if model is not None and not model.is_moe:
+        if ep > 1:
+            raise LayoutError(f"parallel.expert={ep} needs a mixture-of-experts model (num_moe_experts is not set)")
+        return
+    expert_grid = ep * etp * parallel.pipeline
+    if world_size % expert_grid:
+        raise LayoutError(f"world size {world_size} is not divisible by expert({ep}) × expert_tensor({etp}) × "
+                          f"pipeline({parallel.pipeline}) = {expert_grid}")
+    if model is None:
+        return
+    if model.num_moe_experts % ep:
+        raise LayoutError(f"num_moe_experts ({model.num_moe_experts}) is not divisible by expert parallel size {ep}")
+    if parallel.tensor > 1 and not parallel.sequence_parallel:
+        raise LayoutError(f"a mixture-of-experts model with tensor={parallel.tensor} needs "
+                          f"parallel.sequence_parallel=true (Megatron's MoE layer requires it; it is a GPU option, "
+                          f"so on CPU use tensor=1 with expert/pipeline/data parallelism)")
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +137,8 @@ def initialize(parallel: ParallelConfig, model: ModelConfig | None = None, seed:
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
     seed_everything(seed)

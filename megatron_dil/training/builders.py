@@ -32,6 +32,9 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
                  ) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
     """Policy chunks with initial weights, wrapped in Megatron DDP, and the (distributed) AdamW optimizer.
 
+    With MoE, DDP keeps dense and expert parameters in separate buffers (dense grads reduced over DP, expert grads over
+    the expert-data-parallel group) and the optimizer is Megatron's chain of a dense and an expert optimizer.
+
     Gradients are normalised by the global number of pairs: the loss function returns Σ per-pair losses and the pair
     count, ``calculate_per_token_loss`` makes the schedule sum (not average) over micro-batches and DP ranks, and
     ``finalize_model_grads`` divides by the all-reduced count — exact even when micro-batches hold different counts.
@@ -39,10 +42,19 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     train = run.train
     dtype = params_dtype(train)
     chunks = build_model(model, params_dtype=dtype, sequence_parallel=run.parallel.sequence_parallel,
-                         recompute=train.recompute_activations, max_sequence_length=max_sequence_length)
+                         recompute=train.recompute_activations, max_sequence_length=max_sequence_length,
+                         moe_dispatcher=run.parallel.expert_dispatcher)
     load_initial_weights(chunks, run)
     config = chunks[0].config
     config.calculate_per_token_loss = True  # read by DDP's constructor: gradients summed over DP, not averaged
+    if model.is_moe:
+        # Megatron adds each micro-batch's router loss gradient (coefficient included) before finalize_model_grads
+        # divides every gradient by the global pair count N = micro_batch_size · micro-batches · DP. Scaling the
+        # coefficients by micro_batch_size makes the router losses enter as coeff × (their mean over micro-batches
+        # and DP ranks), Megatron's convention; the logged values are divided by the coefficient and stay unscaled.
+        config.moe_aux_loss_coeff = model.moe_aux_loss_coeff * train.micro_batch_size
+        if model.moe_z_loss_coeff:
+            config.moe_z_loss_coeff = model.moe_z_loss_coeff * train.micro_batch_size
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=train.overlap_grad_reduce,
@@ -81,7 +93,8 @@ def build_reference(model: ModelConfig, run: RunConfig, max_sequence_length: int
     from megatron_dil.runtime.distributed import seed_everything
 
     seed_everything(run.train.seed)  # the policy was built right after seeding with the same seed
-    chunks = build_model(model, params_dtype=params_dtype(run.train), max_sequence_length=max_sequence_length)
+    chunks = build_model(model, params_dtype=params_dtype(run.train), max_sequence_length=max_sequence_length,
+                         moe_dispatcher=run.parallel.expert_dispatcher)
     load_initial_weights(chunks, run)
     for chunk in chunks:
         chunk.eval()

@@ -51,12 +51,26 @@ def _layout() -> dict[str, int]:
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
         "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "data": parallel_state.get_data_parallel_world_size(),
+        "expert": parallel_state.get_expert_model_parallel_world_size(),
     }
 
 
 def _model_file() -> str:
     tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    if parallel_state.get_expert_model_parallel_world_size() > 1:  # MoE: each EP rank holds other experts
+        return f"model_tp{tp:02d}_pp{pp:03d}_ep{parallel_state.get_expert_model_parallel_rank():03d}.pt"
     return f"model_tp{tp:02d}_pp{pp:03d}.pt"
+
+
+def _writes_model_file() -> bool:
+    """Collective. DP rank 0 of each (tp, pp); with expert parallelism the lowest rank of each (tp, pp, ep), since
+    dense replicas span DP but expert replicas only the expert-data-parallel group."""
+    if parallel_state.get_expert_model_parallel_world_size() == 1:
+        return parallel_state.get_data_parallel_rank() == 0
+    mine = _model_file()
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, mine)
+    return names.index(mine) == dist.get_rank()
 
 
 def _megatron_optimizers(optimizer) -> list:
@@ -167,7 +181,7 @@ def save_checkpoint(root: str | Path, chunks: list, optimizer, scheduler, state:
     _agree(root, partial, error, state.iteration)
     records = {}
     try:
-        if parallel_state.get_data_parallel_rank() == 0:
+        if _writes_model_file():
             torch.save({"model": [c.module.state_dict() for c in chunks], "scheduler": scheduler.state_dict()},
                        partial / _model_file())
             records[_model_file()] = file_record(partial / _model_file())

@@ -37,8 +37,9 @@ def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -
 
 
 def training_flops_per_token(model: ModelConfig, sequence_length: int) -> float:
-    """6·N + 12·L·(heads·head_dim)·S FLOPs per trained token (the formula beside the code)."""
-    n = model.num_parameters(include_embeddings=False) + model.vocab_size * model.hidden_size
+    """6·N + 12·L·(heads·head_dim)·S FLOPs per trained token (the formula beside the code); N counts the parameters
+    a token passes through (for MoE: the router and its top-k experts)."""
+    n = model.active_parameters(include_embeddings=False) + model.vocab_size * model.hidden_size
     attention = 12 * model.num_layers * model.num_attention_heads * model.head_dim * sequence_length
     return 6 * n + attention
 
@@ -110,7 +111,9 @@ class Monitor:
         self.log(f"step {step}/{self.total_steps} | {shown} | grad {scalars['grad_norm']:.3g} | lr "
                  f"{scalars['lr']:.3g} | {scalars['tokens_per_second']:.0f} tok/s {scalars['pairs_per_second']:.1f} "
                  f"pairs/s | MFU {100 * scalars['mfu']:.2f}% | mem {scalars['memory_gib']:.2f} GiB | ETA "
-                 f"{format_seconds(eta)}")
+                 f"{format_seconds(eta)}" + "".join(f" | {label} {scalars[key]:.4g}" for key, label in (
+                     ("moe/load_balancing_loss", "router aux"), ("moe/load_imbalance", "expert imbalance"))
+                     if key in scalars))
         self.scalars(step, {f"train/{k}": v for k, v in metrics.items()})
         self.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
 

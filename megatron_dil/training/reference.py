@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -188,11 +189,18 @@ def _precompute(chunks: list, dataset: PreferenceDataset, collator: PreferenceCo
                 micro_batch_size: int, device: torch.device, progress: Callable[[int, int], None]) -> ReferenceTable:
     """Forward the frozen reference over the whole dataset (DP-sharded), gathered on every rank."""
     groups = _dp_shard(len(dataset), micro_batch_size)
+    real = len(groups)
+    if parallel_state.get_expert_model_parallel_world_size() > 1 and groups:
+        # MoE layers exchange tokens between expert-parallel ranks in every forward pass: ranks with fewer
+        # micro-batches repeat their last one (results dropped) so all run the same number of passes
+        longest = math.ceil(math.ceil(len(dataset) / parallel_state.get_data_parallel_world_size()) / micro_batch_size)
+        groups += [groups[-1]] * (longest - real)
     ids, sums, counts = [], [], []
     window = 8  # micro-batches per schedule call
     for start in range(0, len(groups), window):
         batches = [collator([dataset[i] for i in g]).to(device) for g in groups[start:start + window]]
-        for batch, pairs in zip(batches, compute_logprobs(chunks, batches, setup)):
+        results = compute_logprobs(chunks, batches, setup)
+        for batch, pairs in list(zip(batches, results))[:max(0, real - start)]:
             ids.append(batch.sample_ids.cpu().numpy())
             sums.append(torch.stack([pairs.chosen.sum, pairs.rejected.sum], 1).double().cpu().numpy())
             counts.append(torch.stack([pairs.chosen.count, pairs.rejected.count], 1).long().cpu().numpy())

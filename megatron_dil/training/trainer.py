@@ -17,6 +17,7 @@ from megatron_dil.config import save_config, to_dict
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.loader import build_dataloader
 from megatron_dil.losses import PairLogProbs, PreferenceLoss, build_loss
+from megatron_dil.models.moe import MoEMonitor
 from megatron_dil.runtime import distributed as runtime
 from megatron_dil.training.builders import build_policy, build_reference, build_scheduler, params_dtype
 from megatron_dil.training.cadence import Periodic
@@ -61,6 +62,8 @@ class Trainer:
         self.setup = LogProbSetup(vocab_size=self.model_config.vocab_size, chunk_size=train.logprob_chunk_size)
         self.policy, self.optimizer = build_policy(self.model_config, run, run.data.max_length)
         self.scheduler = build_scheduler(self.optimizer, train, self.train_iters)
+        self.moe = MoEMonitor([c.module for c in self.policy], self.model_config) if self.model_config.is_moe \
+            else None
         self.collator = PreferenceCollator(self.tokenizer.pad_id, run.data.pad_to_multiple_of, run.data.packing,
                                            run.data.max_length)
         is_logger = dist.get_rank() == dist.get_world_size() - 1
@@ -132,9 +135,11 @@ class Trainer:
                 self.scheduler.step(increment=1)
         metrics = results.metrics.reduce(parallel_state.get_data_parallel_group()) \
             if parallel_state.is_pipeline_last_stage() else {}
-        return metrics, {"lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                         "loss_scale": float(self.optimizer.get_loss_scale()),
-                         "skipped_steps": float(state.skipped_steps)}
+        scalars = {"lr": lr, "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                   "loss_scale": float(self.optimizer.get_loss_scale()), "skipped_steps": float(state.skipped_steps)}
+        if self.moe is not None:  # router aux loss and load imbalance: beside the loss metrics, never inside them
+            scalars.update(self.moe.collect(len(batches)))
+        return metrics, scalars
 
     def evaluate(self) -> dict[str, float]:
         """Loss metrics on the validation split (capped at ``logging.eval_pairs``), reduced over DP."""
@@ -159,8 +164,9 @@ class Trainer:
         if dist.get_rank() == 0:
             save_config(run, Path(run.output_dir) / "config.yaml")
         self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters | layout TP="
-                         f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size} | "
-                         f"{self.plan.describe()} | loss {self.loss.name}")
+                         f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size}"
+                         + (f" EP={run.parallel.expert}" if self.model_config.is_moe else "")
+                         + f" | {self.plan.describe()} | loss {self.loss.name}")
         self.prepare_reference()  # before resuming: the policy still holds the initial (= reference) weights
         state = result.state = self.checkpointer.resume()
         if self.generation is not None and state.iteration == 0:
