@@ -58,7 +58,7 @@ setup(
             "megatron-dil-preprocess = megatron_dil.data.preprocess:main",
             "megatron-dil-hf-to-megatron = megatron_dil.convert.hf_to_megatron:main",
             "megatron-dil-megatron-to-hf = megatron_dil.convert.megatron_to_hf:main",
-            "megatron-dil-generate = megatron_dil.generation.cli:main",
+            "megatron-dil-generate = megatron_dil.generate:main",
         ]
     },
     classifiers=[

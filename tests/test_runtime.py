@@ -151,10 +151,11 @@ def _ddp_step(rank: int, world_size: int) -> dict:
 
     from megatron_dil.runtime import initialize, shutdown
     from megatron_dil.training.builders import build_policy
+    from megatron_dil.data.config import DataConfig
     from megatron_dil.training.config import RunConfig, TrainConfig
 
     tiny = _tiny()
-    run = RunConfig(model=tiny, train=TrainConfig(
+    run = RunConfig(model=tiny, data=DataConfig(tokenizer="examples/tiny/tokenizer"), train=TrainConfig(
         precision="fp32", lr=LR, adam_eps=ADAM_EPS, weight_decay=0.0, clip_grad=1e6, warmup_fraction=0.0,
         distributed_optimizer=True, micro_batch_size=2, global_batch_size=4, seed=3))
     assert initialize(run.parallel, tiny, seed=run.train.seed) == 2
@@ -282,7 +283,7 @@ def test_config_overrides_and_presets_apply(tmp_path):
     from megatron_dil.training.config import RunConfig
 
     path = tmp_path / "run.yaml"
-    path.write_text("model: {preset: tiny, num_layers: 4}\ntrain: {lr: 1e-6, min_lr: 2E-8}\n")
+    path.write_text("model: {preset: tiny, num_layers: 4}\ndata: {tokenizer: tok}\ntrain: {lr: 1e-6, min_lr: 2E-8}\n")
     assert load_config(RunConfig, path).train.lr == 1e-6  # YAML 1.1 would read 1e-6 (no dot) as a string
     run = load_config(RunConfig, path, ["train.lr=5e-7", "parallel.tensor=2", "data.train=[a, b]",
                                         "model.rotary_base=5e5"])

@@ -82,7 +82,7 @@ def test_preflight_refuses_bad_runs_before_any_model(tiny, tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"data.tokenizer is not set and init.checkpoint {ckpt} carries "
                                                    f"no tokenizer/ directory: set data.tokenizer")):
         preflight(config(**no_tokenizer), world_size=1)
-    shutil.copytree(tiny["data"]["tokenizer"], ckpt / "tokenizer")
+    shutil.copytree(tiny["data"]["tokenizer"], ckpt / "tokenizer", dirs_exist_ok=True)  # beside its generation_config.json
     run = config(**no_tokenizer)
     checked = preflight(run, world_size=1)
     assert run.data.tokenizer == str(ckpt / "tokenizer")

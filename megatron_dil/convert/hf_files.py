@@ -124,6 +124,11 @@ class HFWeights:
         return handle.get_slice(key)[index]
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """``path`` holds tokenizer files (a checkpoint's ``tokenizer/`` may hold only the kept ``generation_config.json``)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json")
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files present in ``src`` into ``dst``; return their names."""
     names = [n for n in TOKENIZER_FILES if (src / n).is_file()]

@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from megatron_dil.convert.checkpoint import MegatronCheckpoint
-from megatron_dil.io import IntegrityError, publish
 from megatron_dil.convert.hf_config import ConversionError, hf_config_from_model, model_config_from_hf, same_architecture
-from megatron_dil.convert.hf_files import (TOKENIZER_FILES, copy_tokenizer, dtype_name, parse_dtype,
+from megatron_dil.convert.hf_files import (copy_tokenizer, dtype_name, has_tokenizer, parse_dtype,
                                            write_sharded_safetensors)
 from megatron_dil.convert.sharding import hf_keys, hf_tensor
+from megatron_dil.io import IntegrityError, publish
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -29,7 +29,7 @@ TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
     """bos/eos/pad token ids of the checkpoint's tokenizer (none without one)."""
-    if not any((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
+    if not has_tokenizer(tokenizer_dir):
         return {}
     from transformers import AutoTokenizer
 

@@ -3,13 +3,13 @@
 - megatron_dil checkpoint (``megatron_dil_checkpoint.json``; converted HF model or a run's ``final/``): any PP, the TP
   it was written at; tokenizer from its ``tokenizer/``.
 - a run directory (``OUTPUT_DIR`` with ``config.yaml``): its ``final/`` when present, else its newest complete
-  ``checkpoints/iter_*``.
+  ``checkpoints/iter_*`` whose ``state.json`` parses and whose files have their recorded sizes.
 - ``checkpoints/iter_N``: the model state of a resumable training checkpoint; architecture and tokenizer from the
-  run's ``config.yaml``; it loads at the TP/PP layout it was written with (its stage-local files).
+  run's ``config.yaml``; it loads at the TP/PP layout it was written with (its stage-local files, each checked
+  against the digest ``state.json`` records before it is read).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,11 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_dil.convert import MegatronCheckpoint, is_megatron_checkpoint, load_megatron_checkpoint
+from megatron_dil.convert.hf_files import has_tokenizer
 from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer
+from megatron_dil.io import IntegrityError, verify_file, verify_files
 from megatron_dil.models.config import ModelConfig
+from megatron_dil.training.checkpoint import REMEDY, STATE, read_state
 
 
 class GenerationInputError(ValueError):
@@ -46,18 +49,20 @@ def resolve_checkpoint(path: str | Path) -> ModelSource:
     if is_megatron_checkpoint(path):
         ckpt = MegatronCheckpoint(path)
         tokenizer = path / "tokenizer"
-        return ModelSource(path, "megatron", ckpt.model, str(tokenizer) if tokenizer.is_dir() else None,
+        return ModelSource(path, "megatron", ckpt.model, str(tokenizer) if has_tokenizer(tokenizer) else None,
                            ckpt.manifest.tensor_parallel, None)
-    if (path / "state.json").is_file() and path.parent.name == "checkpoints":
+    if (path / STATE).is_file() and path.parent.name == "checkpoints":
         return _training_checkpoint(path)
     if (path / "config.yaml").is_file():
         if is_megatron_checkpoint(path / "final"):
             return resolve_checkpoint(path / "final")
-        from megatron_dil.training.checkpoint import latest_checkpoint
-
-        latest = latest_checkpoint(path / "checkpoints")
-        if latest is not None:
-            return _training_checkpoint(latest)
+        for candidate in sorted((path / "checkpoints").glob("iter_*"), reverse=True):
+            try:
+                verify_files(candidate, read_state(candidate)["files"], f"checkpoint {candidate}", REMEDY,
+                             check_digest=False)
+            except IntegrityError:
+                continue  # incomplete or damaged: the newest usable one is taken, as the trainer's resume does
+            return _training_checkpoint(candidate)
     raise GenerationInputError(f"--checkpoint {path}: not a megatron_dil checkpoint (no megatron_dil_checkpoint.json), "
                                f"a run directory with final/ or checkpoints/, nor a checkpoints/iter_* directory")
 
@@ -65,11 +70,14 @@ def resolve_checkpoint(path: str | Path) -> ModelSource:
 def _training_checkpoint(path: Path) -> ModelSource:
     from megatron_dil.config import load_config
     from megatron_dil.training.config import RunConfig
-    from megatron_dil.training.trainer import resolve_model_config
+    from megatron_dil.training.preflight import resolve_model_config
 
     run_dir = path.parent.parent
     run = load_config(RunConfig, run_dir / "config.yaml")
-    layout = json.loads((path / "state.json").read_text())["layout"]
+    try:
+        layout = read_state(path)["layout"]
+    except IntegrityError as err:
+        raise GenerationInputError(f"--checkpoint {path}: {err}") from None
     if layout.get("virtual_pipeline", 1) != 1:
         raise GenerationInputError(f"--checkpoint {path}: written with virtual pipeline {layout['virtual_pipeline']}, "
                                    f"which generation does not load; use the run's final/ instead")
@@ -100,5 +108,7 @@ def load_weights(chunks: list[GPTModel], source: ModelSource) -> None:
         load_megatron_checkpoint(chunks, source.path)
         return
     tp, pp = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
-    blob = torch.load(source.path / f"model_tp{tp:02d}_pp{pp:03d}.pt", map_location="cpu", weights_only=False)
+    name = f"model_tp{tp:02d}_pp{pp:03d}.pt"
+    verify_file(source.path / name, read_state(source.path)["files"][name], f"checkpoint {source.path}", REMEDY)
+    blob = torch.load(source.path / name, map_location="cpu", weights_only=False)
     chunks[0].load_state_dict(blob["model"][0])

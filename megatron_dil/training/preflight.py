@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_dil.convert.hf_files import has_tokenizer
 from megatron_dil.data.loader import build_datasets
 from megatron_dil.data.tokenizer import PreferenceTokenizer, load_tokenizer
 from megatron_dil.models.config import ModelConfig
@@ -40,7 +41,7 @@ def resolve_tokenizer(run: RunConfig) -> str | None:
     if run.data.tokenizer:
         return None
     bundled = Path(run.init.checkpoint) / "tokenizer"
-    if not bundled.is_dir():
+    if not has_tokenizer(bundled):
         raise ValueError(f"data.tokenizer is not set and init.checkpoint {run.init.checkpoint} carries no tokenizer/ "
                          f"directory: set data.tokenizer to the tokenizer the datasets were written with")
     run.data.tokenizer = str(bundled)

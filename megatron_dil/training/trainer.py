@@ -233,12 +233,13 @@ class Trainer:
         checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
         check_finite_weights(self.policy, f"the final weights {Path(self.run.output_dir) / 'final'}")
         from megatron_dil.convert import MegatronCheckpoint, megatron_to_hf, save_megatron_checkpoint
+        from megatron_dil.convert.hf_files import has_tokenizer
         from megatron_dil.io import publish
 
         init = self.run.init.checkpoint
         hf_config = MegatronCheckpoint(init).hf_config if init else None
         tokenizer_dir = next((str(p) for p in ([Path(init) / "tokenizer"] if init else []) + [Path(self.run.data.tokenizer)]
-                              if p.is_dir()), None)
+                              if has_tokenizer(p)), None)
         final = Path(self.run.output_dir) / "final"
         save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir, hf_config,
                                  source="megatron-dil-train")
