@@ -64,9 +64,10 @@ def _run_trainer(rank: int, world_size: int, run: dict, steps: int) -> dict:
         batches_iter, state, records = iter(loader), TrainState(), []
         for _ in range(steps):
             batches = [next(batches_iter).to(trainer.device) for _ in range(trainer.accumulation)]
+            trainer.monitor.start_step()
             metrics, scalars = trainer.train_step(batches, state)
-            records.append({**metrics, **scalars})
             state.iteration += 1
+            records.append({**metrics, **trainer.monitor.end_step(state.iteration, batches, metrics, scalars)})
         timed = records[1:]
         keys = ("tokens_per_second", "pairs_per_second", "mfu", "step_seconds", "memory_gib")
         return {**{k: sum(r[k] for r in timed) / len(timed) for k in keys},

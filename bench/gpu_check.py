@@ -7,8 +7,8 @@ Rows (each PASS / FAIL / NOT RUN with the reason; one row's failure never stops 
 
 1. Environment: python/torch/CUDA/NCCL/Transformer Engine/apex/megatron-core/transformers versions, GPU, the layer
    spec ``build_model`` picks, and the measured dense matmul peak (bf16 8192³ on GPU; fp32 on CPU in the dry run).
-2. Parity: random Hugging Face Llama (Llama-3 RoPE scaling, GQA), Qwen2 (QKV bias, tied), Qwen3 (QK-norm; only when
-   ``ModelConfig`` has ``qk_layernorm``) and Mistral (sliding window shorter than the sequence) converted with
+2. Parity: random Hugging Face Llama (Llama-3 RoPE scaling, GQA), Qwen2 (QKV bias, tied), Qwen3 (QK-norm) and
+   Mistral (sliding window shorter than the sequence) converted with
    ``hf_to_megatron`` and built by ``build_model`` (TE spec when TE imports with CUDA) must reproduce transformers'
    logits: fp32 max |Δlogit| ≤ 1e-4 on CPU / 2e-3 on GPU (cuBLAS and fused-kernel summation order); bf16
    max |Δ| ≤ 2·(transformers' own bf16 error) + 1e-2, both against transformers in fp32. The built model's state dict
@@ -198,23 +198,14 @@ def _parity_models(plan: Plan) -> list[tuple[str, Any, str | None]]:
     """(name, transformers config, reason it cannot run here or None)."""
     from transformers import Qwen3Config
 
-    from megatron_dil.models.builder import transformer_engine_available
-    from megatron_dil.models.config import ModelConfig
     from tests.test_convert_models import COMMON, hf_configs
 
     configs = hf_configs()
     mistral = configs["mistral"]
     mistral.sliding_window = plan.mistral_window
-    models = [("llama", configs["llama"], None), ("qwen2", configs["qwen2"], None)]
-    if "qk_layernorm" in {f.name for f in dataclasses.fields(ModelConfig)}:
-        models.append(("qwen3", Qwen3Config(**COMMON, num_hidden_layers=2, head_dim=16), None))
-    else:
-        models.append(("qwen3", None, "ModelConfig has no qk_layernorm field: Qwen3 (QK-norm) is not supported by "
-                                      "this checkout"))
-    window_reason = None if transformer_engine_available() else (
-        f"sliding window {plan.mistral_window} < sequence {plan.parity_seq} needs Transformer Engine with CUDA "
-        f"(the local spec refuses it): {'dry run' if plan.dry_run else 'TE not importable'}")
-    models.append((f"mistral (window {plan.mistral_window} < seq {plan.parity_seq})", mistral, window_reason))
+    models = [("llama", configs["llama"], None), ("qwen2", configs["qwen2"], None),
+              ("qwen3", Qwen3Config(**COMMON, num_hidden_layers=2, head_dim=16), None),
+              (f"mistral (window {plan.mistral_window} < seq {plan.parity_seq})", mistral, None)]
     return models
 
 

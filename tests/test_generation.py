@@ -130,8 +130,11 @@ def _all_on_four_ranks(rank: int, world_size: int, checkpoints: dict, cli: dict)
                                           "data": {"train": ["unused"], "tokenizer": str(Path(cli["root"]) / "llama")}}),
                     run_dir / "config.yaml")
         torch.save({"model": [model.state_dict()], "scheduler": {}}, iteration / "model_tp00_pp000.pt")
-        (iteration / "state.json").write_text(json.dumps(
-            {"iteration": 3, "layout": {"tensor": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 4}}))
+        from megatron_dil.io import record_files
+
+        (iteration / "state.json").write_text(json.dumps(  # as the trainer writes it: layout and file records
+            {"iteration": 3, "layout": {"tensor": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 4},
+             "files": record_files(iteration, ["model_tp00_pp000.pt"])}))
         (run_dir / "checkpoints" / "latest").write_text("iter_0000003")
     parallel_state.destroy_model_parallel()
     dist.barrier()

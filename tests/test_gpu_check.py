@@ -58,22 +58,15 @@ def test_dry_run_environment_row(dry_run):
 
 
 def test_dry_run_parity_row_matches_transformers_and_round_trips(dry_run):
-    from megatron_dil.models.config import ModelConfig
-
     _, _, rows, cases, _ = dry_run
     assert rows[2]["status"] == gpu_check.PASS
-    for name in ("llama", "qwen2"):
+    mistral = next(n for r, n in cases if r == 2 and n.startswith("mistral"))  # window < sequence: local spec too
+    for name in ("llama", "qwen2", "qwen3", mistral):
         metrics = cases[2, name]["metrics"]
         assert cases[2, name]["status"] == gpu_check.PASS
         assert metrics["spec"] == "local" and metrics["round_trip"] is True
         assert 0.0 <= metrics["fp32_max_abs_diff"] <= 1e-4 < 1e-3 * metrics["scale_max_abs_logit"]
         assert "bf16_max_abs_diff" not in metrics  # bf16 parity is a GPU case
-    mistral = next(c for (r, n), c in cases.items() if r == 2 and n.startswith("mistral"))
-    assert mistral["status"] == gpu_check.NOT_RUN and "Transformer Engine" in mistral["summary"]
-    if "qk_layernorm" in {f.name for f in dataclasses.fields(ModelConfig)}:
-        assert cases[2, "qwen3"]["status"] == gpu_check.PASS
-    else:
-        assert cases[2, "qwen3"]["status"] == gpu_check.NOT_RUN and "qk_layernorm" in cases[2, "qwen3"]["summary"]
 
 
 def test_dry_run_training_row_runs_the_trainer(dry_run):
