@@ -169,11 +169,6 @@ def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, TokenizedPai
     out = []
     for number, raw in chunk:
         try:
-            if isinstance(raw, str):
-                try:
-                    raw = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise RowError("malformed_json", f"{e.msg} at column {e.colno}") from None
             row = parse_row(raw, _WORKER["columns"])
             out.append((number, tokenize_pair(row, _WORKER["tokenizer"], _WORKER["template"], _WORKER["truncation"])))
         except RowError as e:

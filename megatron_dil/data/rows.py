@@ -18,6 +18,7 @@ alternate).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +63,21 @@ class PreferenceRow:
     rejected: str | list[Message]
 
 
-def parse_row(row: Any, columns: Columns = Columns()) -> PreferenceRow:
+def row_object(raw: Any) -> dict[str, Any]:
+    """A raw row as read (a JSONL line still as text, or an already parsed record) → its JSON object."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise RowError("malformed_json", f"{err.msg} at column {err.colno}") from None
+    if not isinstance(raw, dict):
+        raise RowError("malformed_json", f"row is a {type(raw).__name__}, not an object")
+    return raw
+
+
+def parse_row(raw: Any, columns: Columns = Columns()) -> PreferenceRow:
     """Validate one raw row and bring it to a :class:`PreferenceRow`."""
-    if not isinstance(row, dict):
-        raise RowError("malformed_json", f"row is a {type(row).__name__}, not an object")
+    row = row_object(raw)
     for key in (columns.chosen, columns.rejected):
         if key not in row or row[key] is None:
             raise RowError("missing_field", f"no {key!r}")

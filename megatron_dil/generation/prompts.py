@@ -9,14 +9,13 @@ A row without a usable prompt is skipped and counted per reason (as in preproces
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_dil.data.preprocess import iter_raw_rows
-from megatron_dil.data.rows import RowError, _messages
+from megatron_dil.data.rows import RowError, _messages, row_object
 from megatron_dil.data.templates import resolve_template
 from megatron_dil.data.tokenize import _collapse_leading_bos
 from megatron_dil.data.tokenizer import PreferenceTokenizer
@@ -77,13 +76,7 @@ def load_prompts(path: str, tokenizer: PreferenceTokenizer, *, template: str = "
         if limit is not None and len(result.prompts) >= limit:
             break
         try:
-            if isinstance(raw, str):
-                try:
-                    raw = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise RowError("malformed_json", f"{err.msg} at column {err.colno}") from None
-            if not isinstance(raw, dict):
-                raise RowError("malformed_json", f"row is a {type(raw).__name__}, not an object")
+            raw = row_object(raw)
             if raw.get(column) is None:
                 raise RowError("missing_field", f"no {column!r}")
             ids = tokenize_prompt(raw[column], tokenizer, template_source)
