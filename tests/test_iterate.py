@@ -184,6 +184,7 @@ def test_rerun_resumes_training_and_gives_the_same_final_weights(selfplay):
     final = out / "train" / "final"
     before = _final_weights(final)
     samples_mtime = (out / "samples.jsonl").stat().st_mtime_ns
+    uninterrupted = _eval(selfplay, 1)
     shutil.rmtree(final)
     shutil.rmtree(out / "train" / "checkpoints" / "iter_0000030")
     (out / "eval.json").unlink()
@@ -192,6 +193,9 @@ def test_rerun_resumes_training_and_gives_the_same_final_weights(selfplay):
     assert before.keys() == after.keys() and before
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert (out / "samples.jsonl").stat().st_mtime_ns == samples_mtime
+    resumed = _eval(selfplay, 1)
+    for key in ("score_before", "score_after", "demo_loglik_before", "demo_loglik_after", "pairs"):
+        assert resumed[key] == uninterrupted[key], key
 
 
 def test_bad_iterate_input_is_one_line(selfplay, tiny, tmp_path, capsys):

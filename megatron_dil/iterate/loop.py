@@ -15,7 +15,8 @@ ranks of one torchrun take part in every stage (generation and training at the t
 Metrics per iteration (eval.json): ``demo_loglik_before/after`` = Σ log π(y|x) / Σ |y| over the held-out
 demonstrations under π_k and π_{k+1}; ``reward_accuracy``/``reward_margin`` = the trained loss's implicit-reward
 accuracy/margin on this iteration's pairs (the run's evaluation, capped by ``logging.eval_pairs``);
-``score_before/after`` = the ``generate_eval`` verifier score of π_k and π_{k+1} when configured.
+``score_before/after`` = the ``generate_eval`` verifier score of π_k and π_{k+1} when configured (a resumed
+training takes π_k's from iteration k−1's ``score_after``).
 """
 from __future__ import annotations
 
@@ -175,6 +176,9 @@ def train_stage(cfg: IterateConfig, k: int, run: RunConfig) -> None:
             pairs = json.loads(Path(str(iteration_dir(cfg, k) / "pairs_train.json")).read_text())["counts"]
             last_eval = result.evaluations[-1] if result.evaluations else {}
             scores = [g.score for g in result.generations]
+            if result.generations and result.generations[0].step != 0:  # resumed: π_k's score is the last one's
+                previous = iteration_dir(cfg, k - 1) / "eval.json"
+                scores.insert(0, json.loads(previous.read_text())["score_after"] if k else None)
             metrics = {"iteration": k, "loss": run.loss.name, "pairs": pairs["pairs_written"],
                        "dropped_equal": pairs["dropped_equal"], "demo_loglik_before": before,
                        "demo_loglik_after": after, "reward_accuracy": last_eval.get("rewards/accuracies"),
