@@ -44,3 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(table, flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
