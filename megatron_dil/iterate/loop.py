@@ -104,17 +104,24 @@ def _log(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def generate_stage(cfg: IterateConfig, k: int, run: RunConfig) -> None:
-    from megatron_dil.generation.cli import GenerateConfig, run as generate
+def generate_config(cfg: IterateConfig, k: int, run: RunConfig):
+    """What megatron-dil-generate runs for iteration k (samples of π_k for the demonstration prompts)."""
+    from megatron_dil.generation.cli import GenerateConfig
 
-    output = iteration_dir(cfg, k) / "samples.jsonl"
-    if output.is_file():
+    return GenerateConfig(checkpoint=policy_checkpoint(cfg, k), prompts=cfg.demonstrations,
+                          output=str(iteration_dir(cfg, k) / "samples.jsonl"), tensor_parallel=run.parallel.tensor,
+                          pipeline_parallel=run.parallel.pipeline, batch_size=cfg.generate_batch_size,
+                          max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling, progress=False)
+
+
+def generate_stage(cfg: IterateConfig, k: int, run: RunConfig) -> None:
+    from megatron_dil.generation.cli import run as generate
+
+    config = generate_config(cfg, k, run)
+    if Path(config.output).is_file():
         return
     _log(f"iteration {k}: generating from {policy_checkpoint(cfg, k)}")
-    generate(GenerateConfig(checkpoint=policy_checkpoint(cfg, k), prompts=cfg.demonstrations, output=str(output),
-                            tensor_parallel=run.parallel.tensor, pipeline_parallel=run.parallel.pipeline,
-                            batch_size=cfg.generate_batch_size, max_new_tokens=cfg.max_new_tokens,
-                            sampling=cfg.sampling, progress=False))
+    generate(config)
 
 
 def pairs_stage(cfg: IterateConfig, k: int, run: RunConfig) -> None:
