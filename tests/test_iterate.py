@@ -239,6 +239,10 @@ def test_bad_iterate_input_is_one_line(selfplay, tiny, tmp_path, capsys):
     assert main(["--config", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "iterations: 1, but" in err and "2 finished iterations" in err
+    path.write_text(yaml.safe_dump(dict(selfplay["cfg"], history="all")))
+    assert main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "(history differ from" in err
     # demonstrations tokenized with another tokenizer than the checkpoint's
     other = tmp_path / "other_tok"
     shutil.copytree(selfplay["tokenizer"], other)

@@ -7,6 +7,7 @@ Layout of ``output_dir``::
     iter_K/pairs_train.*        the self-play pair dataset (published last-file-last)
     iter_K/train/               the training run of π_{k+1} (resumes from its checkpoints); final/ = π_{k+1}
     iter_K/eval.json            the iteration's metrics, written atomically last: the iteration is done
+    iterate.yaml                the loop's config: a rerun with other settings (but ``iterations``) is refused
     summary.tsv                 one row per iteration
 
 A rerun skips finished stages, so it resumes at the first unfinished stage of the first unfinished iteration. All
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import sys
 from dataclasses import asdict
 from itertools import islice
@@ -31,9 +33,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import parallel_state
 
-from megatron_dil.config import from_dict
+from megatron_dil.config import from_dict, save_config, to_dict
 from megatron_dil.data.dataset import PreferenceDataset
 from megatron_dil.data.loader import build_dataloader
 from megatron_dil.data.tokenizer import load_tokenizer
@@ -71,6 +74,7 @@ def policy_checkpoint(cfg: IterateConfig, k: int) -> str:
 
 def check_inputs(cfg: IterateConfig) -> None:
     """Before any process group: π_0, the demonstrations and their tokenizer, and the iterations already done."""
+    check_same_config(cfg)
     done = iterations_done(cfg)
     if done > cfg.iterations:
         raise IterateError(f"iterations: {cfg.iterations}, but {cfg.output_dir} already holds {done} finished "
@@ -84,6 +88,19 @@ def check_inputs(cfg: IterateConfig) -> None:
         if dataset.kind != "demonstrations":
             raise IterateError(f"{prefix}: a {dataset.kind} dataset; megatron-dil-iterate reads demonstrations "
                                f"(megatron-dil-preprocess --kind demonstrations)")
+
+
+def check_same_config(cfg: IterateConfig) -> None:
+    """A rerun must be the same loop (only ``iterations`` may change): finished stages are reused as they are."""
+    saved_path = Path(cfg.output_dir) / "iterate.yaml"
+    if not saved_path.is_file():
+        return
+    saved, current = yaml.safe_load(saved_path.read_text()), to_dict(cfg)
+    changed = sorted(k for k in set(saved) | set(current) if k != "iterations" and saved.get(k) != current.get(k))
+    if changed:
+        raise IterateError(f"{cfg.output_dir} was started with other settings ({', '.join(changed)} differ from "
+                           f"{saved_path}); its finished stages would be reused as they are: restore them or choose "
+                           f"a new output_dir")
 
 
 def training_run(cfg: IterateConfig, k: int) -> RunConfig:
@@ -230,6 +247,8 @@ def iterate(cfg: IterateConfig) -> str:
 
     check_inputs(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":
+        save_config(cfg, Path(cfg.output_dir) / "iterate.yaml")
     first_run = training_run(cfg, 0)
     initialize(first_run.parallel, seed=first_run.train.seed)  # the world's process group, kept across stages
     parallel_state.destroy_model_parallel()  # each stage builds its own model-parallel groups
