@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = PreprocessConfig(inputs=[], output_prefix="", tokenizer="")
     p = argparse.ArgumentParser(
         prog="megatron-dil-preprocess",
-        description="Tokenize preference pairs (prompt, chosen, rejected) into Megatron indexed datasets "
+        description="Tokenize preference pairs (prompt, chosen, rejected), or demonstrations (--kind demonstrations), "
+                    "into Megatron indexed datasets "
                     "PREFIX_train/PREFIX_valid (.bin/.idx + metadata .json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", dest="inputs", nargs="+", required=True,
