@@ -56,6 +56,7 @@ setup(
         "console_scripts": [
             "megatron-dil-train = megatron_dil.train:main",
             "megatron-dil-preprocess = megatron_dil.data.preprocess:main",
+            "megatron-dil-iterate = megatron_dil.iterate.cli:main",
             "megatron-dil-hf-to-megatron = megatron_dil.convert.hf_to_megatron:main",
             "megatron-dil-megatron-to-hf = megatron_dil.convert.megatron_to_hf:main",
             "megatron-dil-generate = megatron_dil.generate:main",

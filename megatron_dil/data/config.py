@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 PACKING_MODES = ("none", "mask", "thd")
 VERIFY_MODES = ("full", "idx")
+DATASET_KINDS = ("pairs", "demonstrations")
 
 
 @dataclass
@@ -58,6 +59,9 @@ class PreprocessConfig:
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    kind: str = "pairs"  # pairs | demonstrations (prompt + one response: SFT data, megatron-dil-iterate)
+    response_column: str = "completion"  # demonstrations: the response column
+    messages_column: str = "messages"  # demonstrations: whole conversations (last assistant turn = response)
     template: str = "auto"
     max_length: int = 1024
     max_prompt_length: int = 512
@@ -76,5 +80,7 @@ class PreprocessConfig:
             raise ValueError(f"--valid-fraction must be in [0, 1), not {self.valid_fraction}")
         if self.workers < 1 or self.chunk_size < 1:
             raise ValueError("--workers and --chunk-size must be >= 1")
+        if self.kind not in DATASET_KINDS:
+            raise ValueError(f"unknown --kind {self.kind!r}; choose one of {DATASET_KINDS}")
         if self.input_format not in ("auto", "jsonl", "json", "parquet", "datasets"):
             raise ValueError(f"unknown --input-format {self.input_format!r}")

@@ -73,6 +73,11 @@ class PreferenceDataset(Dataset):
         return PreferencePair(int(index), prompt, chosen, rejected)
 
     @property
+    def kind(self) -> str:
+        """``pairs``, or ``demonstrations`` (``--kind demonstrations``: every rejected sequence is empty)."""
+        return self.metadata.get("kind", "pairs")
+
+    @property
     def max_sequence_length(self) -> int:
         """Longest ``prompt + response`` in the dataset."""
         if self._indexed is None:

@@ -1,10 +1,12 @@
-"""Preprocess preference pairs into Megatron indexed datasets (``megatron-dil-preprocess``).
+"""Preprocess preference pairs (or demonstrations) into Megatron indexed datasets (``megatron-dil-preprocess``).
 
 Output for ``--output-prefix P``: ``P_train.{bin,idx,json}`` and, with ``--valid-fraction > 0``,
 ``P_valid.{bin,idx,json}`` in the format of :mod:`megatron_dil.data.writer` (one document of three sequences
 ``[prompt, chosen response, rejected response]`` per pair; the JSON metadata, written last, holds the source,
 tokenizer identity, template, truncation, counts, dropped-row reasons, length histograms, token-id range and the
-checksums of ``.bin/.idx``). Everything is written under staging names and renamed at the end, so an interrupted run
+checksums of ``.bin/.idx``). ``--kind demonstrations`` reads SFT rows (prompt and one response, see
+:mod:`megatron_dil.data.rows`) into the same format with an empty rejected sequence and ``"kind": "demonstrations"``
+in the metadata: ``loss.name: sft`` trains on it, ``megatron-dil-iterate`` builds preference pairs from it. Everything is written under staging names and renamed at the end, so an interrupted run
 leaves any previous dataset untouched; staging files are removed on every exit path, and those of a killed run by the
 next run.
 
@@ -36,7 +38,7 @@ from typing import Any, Iterator
 from megatron.core.datasets.indexed_dataset import DType
 
 from megatron_dil.data.config import PreprocessConfig
-from megatron_dil.data.rows import DROP_REASONS, Columns, RowError, parse_row
+from megatron_dil.data.rows import DROP_REASONS, Columns, RowError, parse_demonstration, parse_row
 from megatron_dil.data.templates import resolve_template
 from megatron_dil.data.tokenize import TokenizedPair, TruncationConfig, tokenize_pair
 from megatron_dil.data.tokenizer import load_tokenizer
@@ -153,10 +155,12 @@ def _guess_format(path: str) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_path: str, template_name: str, truncation: TruncationConfig, columns: Columns) -> None:
+def _init_worker(tokenizer_path: str, template_name: str, truncation: TruncationConfig, columns: Columns,
+                 kind: str) -> None:
     tokenizer = load_tokenizer(tokenizer_path)
     _WORKER.update(tokenizer=tokenizer, template=resolve_template(template_name, tokenizer)[1],
-                   truncation=truncation, columns=columns)
+                   truncation=truncation, columns=columns,
+                   parse=parse_demonstration if kind == "demonstrations" else parse_row)
 
 
 def _init_pool_worker(*worker_args: Any) -> None:
@@ -169,7 +173,7 @@ def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[int, TokenizedPai
     out = []
     for number, raw in chunk:
         try:
-            row = parse_row(raw, _WORKER["columns"])
+            row = _WORKER["parse"](raw, _WORKER["columns"])
             out.append((number, tokenize_pair(row, _WORKER["tokenizer"], _WORKER["template"], _WORKER["truncation"])))
         except RowError as e:
             out.append((number, e))
@@ -204,7 +208,8 @@ def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
     template_name, template_source = resolve_template(config.template, tokenizer)
     truncation = TruncationConfig(config.max_length, config.max_prompt_length, config.truncation_mode,
                                   config.overlong_prompt)
-    columns = Columns(config.prompt_column, config.chosen_column, config.rejected_column)
+    columns = Columns(config.prompt_column, config.chosen_column, config.rejected_column, config.response_column,
+                      config.messages_column)
     for path in config.inputs:
         if not os.path.exists(path):
             raise PreprocessError(f"input {path!r} does not exist")
@@ -224,7 +229,7 @@ def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
     try:
         for split in splits:
             writers[split] = SplitWriter(f"{config.output_prefix}_{split}", dtype)
-        worker_args = (config.tokenizer, config.template, truncation, columns)
+        worker_args = (config.tokenizer, config.template, truncation, columns, config.kind)
         for path in config.inputs:
             rows = iter_raw_rows(path, config.input_format, config.input_split)
             with closing(_tokenized(rows, config, worker_args, path)) as tokenized:  # shuts the pool down on errors
@@ -248,7 +253,9 @@ def preprocess_pairs(config: PreprocessConfig) -> PreprocessResult:
             raise PreprocessError(f"no usable pair in {config.inputs}; dropped: {_nonzero(counts['dropped'])}")
         counts.update({f"{s}_pairs": w.num_pairs for s, w in writers.items()})
         metadata = {
-            "layout": "one document per pair: sequences [prompt, chosen response, rejected response]",
+            "layout": "one document per pair: sequences [prompt, chosen response, rejected response]"
+                      + (" (demonstrations: rejected empty)" if config.kind == "demonstrations" else ""),
+            "kind": config.kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"inputs": [os.path.abspath(p) for p in config.inputs], "input_format": config.input_format,
                        "columns": asdict(columns)},
@@ -362,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = PreprocessConfig(inputs=[], output_prefix="", tokenizer="")
     p = argparse.ArgumentParser(
         prog="megatron-dil-preprocess",
-        description="Tokenize preference pairs (prompt, chosen, rejected) into Megatron indexed datasets "
+        description="Tokenize preference pairs (prompt, chosen, rejected), or demonstrations (--kind demonstrations), "
+                    "into Megatron indexed datasets "
                     "PREFIX_train/PREFIX_valid (.bin/.idx + metadata .json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", dest="inputs", nargs="+", required=True,
@@ -378,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-column", default=d.prompt_column, help="column holding the prompt (string or messages)")
     p.add_argument("--chosen-column", default=d.chosen_column, help="column holding the preferred response")
     p.add_argument("--rejected-column", default=d.rejected_column, help="column holding the dispreferred response")
+    p.add_argument("--kind", default=d.kind, choices=["pairs", "demonstrations"],
+                   help="pairs: prompt/chosen/rejected rows; demonstrations: SFT rows (prompt + --response-column, or "
+                        "a --messages-column conversation whose last assistant turn is the response), stored with an "
+                        "empty rejected side for loss.name sft and megatron-dil-iterate")
+    p.add_argument("--response-column", default=d.response_column, help="demonstrations: the response column")
+    p.add_argument("--messages-column", default=d.messages_column,
+                   help="demonstrations: column of whole conversations (used when a row has no response column)")
     p.add_argument("--template", default=d.template,
                    help="chat template for conversational rows: auto (the tokenizer's own, else chatml), tokenizer, "
                         "chatml, zephyr, llama2 or plain; string rows are tokenized as BOS+prompt+response+EOS")

@@ -10,6 +10,13 @@ Accepted shapes (column names configurable):
   UltraFeedback-binarized, where the prompt turns are the shared prefix of chosen and rejected; then ``prompt`` may be
   absent).
 
+Demonstrations (``--kind demonstrations``, SFT rows: a prompt and one good response, no rejected one):
+- TRL prompt/completion: ``{"prompt": str | messages, "completion": str | messages}``;
+- a conversation ``{"messages": [...]}`` (single- or multi-turn, UltraChat-style): its last turn is the response and
+  must be ``assistant``; every turn before it is the prompt;
+- a preference-style row's ``chosen`` side (``--response-column chosen``), so the chosen responses of a pair file
+  are demonstrations.
+
 Roles follow the chat-template convention (the Hugging Face ``messages`` format every named template and most
 tokenizer templates are written for): prompt messages are ``system``, ``user`` or ``assistant``; the chosen and
 rejected replies are ``assistant`` messages. Anything else (a reply by ``user``, a ``wizard`` turn) is a bad row
@@ -50,6 +57,8 @@ class Columns:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    response: str = "completion"  # demonstrations: the response column (beside ``prompt``)
+    messages: str = "messages"  # demonstrations: a whole conversation, the last assistant turn being the response
 
 
 @dataclass
@@ -60,7 +69,7 @@ class PreferenceRow:
     kind: str
     prompt: str | list[Message]
     chosen: str | list[Message]
-    rejected: str | list[Message]
+    rejected: str | list[Message] | None  # None: a demonstration (no rejected response)
 
 
 def row_object(raw: Any) -> dict[str, Any]:
@@ -94,6 +103,41 @@ def parse_row(raw: Any, columns: Columns = Columns()) -> PreferenceRow:
             raise RowError("identical_responses", "chosen and rejected are identical")
         return PreferenceRow("text", prompt, chosen, rejected)
     return _parse_chat(prompt, chosen, rejected, columns)
+
+
+def parse_demonstration(raw: Any, columns: Columns = Columns()) -> PreferenceRow:
+    """Validate one raw demonstration row (see the module docstring) and bring it to a :class:`PreferenceRow` with
+    ``rejected=None``."""
+    row = row_object(raw)
+    if row.get(columns.response) is None and row.get(columns.messages) is not None:
+        conversation = _messages(row[columns.messages], columns.messages, default_role="user")
+        if conversation[-1]["role"] != REPLY_ROLE:
+            raise RowError("missing_field", f"{columns.messages!r} does not end with an {REPLY_ROLE!r} turn (the "
+                                            f"response)")
+        prompt: Any = conversation[:-1]
+        if not prompt:
+            raise RowError("empty_field", f"{columns.messages!r} has no turn before the response (no prompt)")
+        response: Any = conversation[-1:]
+    else:
+        if row.get(columns.response) is None:
+            raise RowError("missing_field", f"no {columns.response!r} (the response) and no {columns.messages!r}")
+        prompt, response = row.get(columns.prompt), row[columns.response]
+    if isinstance(prompt, str) and isinstance(response, str):
+        for key, value in ((columns.prompt, prompt), (columns.response, response)):
+            if not value.strip():
+                raise RowError("empty_field", f"{key!r} is empty")
+        return PreferenceRow("text", prompt, response, None)
+    if prompt is None:
+        raise RowError("missing_field", f"no {columns.prompt!r}")
+    prompt_msgs = _messages(prompt, columns.prompt, default_role="user")
+    _check_roles(prompt_msgs, PROMPT_ROLES, columns.prompt, "prompt messages")
+    response_msgs = _strip_prefix(_messages(response, columns.response, default_role="assistant"), prompt_msgs)
+    if not any(m["content"].strip() for m in prompt_msgs):
+        raise RowError("empty_field", f"{columns.prompt!r} is empty")
+    if not response_msgs or not any(m["content"].strip() for m in response_msgs):
+        raise RowError("empty_field", f"{columns.response!r} has an empty response")
+    _check_roles(response_msgs, (REPLY_ROLE,), columns.response, "replies")
+    return PreferenceRow("chat", prompt_msgs, response_msgs, None)
 
 
 def _parse_chat(prompt: Any, chosen: Any, rejected: Any, columns: Columns) -> PreferenceRow:

@@ -14,6 +14,8 @@ Text rows: ``[BOS if the tokenizer adds one] + ids(prompt + response) + [EOS]``.
 tokenized with no special tokens added (the template writes BOS itself: adding one more is the double-BOS trap);
 repeated leading BOS are collapsed in both cases.
 
+A demonstration (``row.rejected is None``) is tokenized the same way with one response; its ``rejected`` is ``[]``.
+
 Truncation (TRL 0.8.6, used by the DIL release): if ``len(prompt) + max(len(chosen), len(rejected)) > max_length``,
 the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its last tokens, and its leading BOS; ``keep_start``
 its first), then each response is cut to ``max_length - len(prompt)``. A prompt alone longer than ``max_length`` drops
@@ -58,18 +60,19 @@ class TokenizedPair:
 def tokenize_pair(row: PreferenceRow, tokenizer: PreferenceTokenizer, template: str | None,
                   truncation: TruncationConfig) -> TokenizedPair:
     """Tokenize ``row`` (``template``: jinja source for chat rows) and apply the truncation policy."""
+    responses = (row.chosen,) if row.rejected is None else (row.chosen, row.rejected)
     if row.kind == "text":
         bos = [tokenizer.bos_id] if tokenizer.adds_bos else []
         prompt_text = row.prompt
         prompt_ids = bos + tokenizer.encode(row.prompt)
-        full = [bos + tokenizer.encode(row.prompt + r) + [tokenizer.eos_id] for r in (row.chosen, row.rejected)]
+        full = [bos + tokenizer.encode(row.prompt + r) + [tokenizer.eos_id] for r in responses]
     else:
         if template is None:
             raise ValueError("conversational rows need a chat template")
         try:
             prompt_text = tokenizer.render_chat(row.prompt, template, add_generation_prompt=True)
             rendered = [tokenizer.render_chat(row.prompt + r, template, add_generation_prompt=False)
-                        for r in (row.chosen, row.rejected)]
+                        for r in responses]
         except TemplateSyntaxError:  # the template itself is broken: not the row's fault
             raise
         except TemplateError as e:  # the template refuses this conversation (raise_exception), e.g. role order
@@ -79,10 +82,11 @@ def tokenize_pair(row: PreferenceRow, tokenizer: PreferenceTokenizer, template: 
     prompt_ids = _collapse_leading_bos(prompt_ids, tokenizer.bos_id)
     full = [_collapse_leading_bos(ids, tokenizer.bos_id) for ids in full]
     boundary = min(_common_prefix_length(prompt_ids, ids) for ids in full)
-    prompt, chosen, rejected = prompt_ids[:boundary], full[0][boundary:], full[1][boundary:]
-    if not chosen or not rejected:
+    prompt, chosen = prompt_ids[:boundary], full[0][boundary:]
+    rejected = full[1][boundary:] if len(full) == 2 else []
+    if not chosen or (row.rejected is not None and not rejected):
         raise RowError("empty_field", "a response has no tokens of its own after the prompt")
-    if chosen == rejected:
+    if row.rejected is not None and chosen == rejected:
         raise RowError("identical_responses", "chosen and rejected tokenize identically")
     prompt, chosen, rejected, truncated = _truncate(prompt, chosen, rejected, tokenizer.bos_id, truncation)
     return TokenizedPair(prompt, chosen, rejected, truncated, boundary < len(prompt_ids), prompt_text)

@@ -74,6 +74,18 @@ def check_output_dir(path: str) -> None:
                          f"or fix its permissions") from None
 
 
+def check_demonstrations(run: RunConfig, *datasets) -> None:
+    """Only ``loss.name: sft`` trains on a demonstrations dataset (its rejected responses are empty)."""
+    if run.loss.name == "sft":
+        return
+    for dataset in datasets:
+        for part in getattr(dataset, "datasets", [dataset]):  # a blend's parts
+            if part is not None and part.kind == "demonstrations":
+                raise ValueError(f"dataset {part.prefix!r} holds demonstrations (no rejected responses): loss "
+                                 f"{run.loss.name!r} needs pairs; use loss.name sft, or megatron-dil-iterate to make "
+                                 f"pairs from it")
+
+
 def preflight(run: RunConfig, world_size: int) -> Preflight:
     """All checks that need no process group and no model, in the order a user would fix them."""
     model = resolve_model_config(run)
@@ -82,6 +94,7 @@ def preflight(run: RunConfig, world_size: int) -> Preflight:
     check_compatible(run, model, tokenizer.vocab_size)
     data_parallel = validate_layout(run.parallel, world_size, model)
     train_set, valid_set = build_datasets(run.data, tokenizer)
+    check_demonstrations(run, train_set, valid_set)
     plan = BatchPlan.from_config(run, data_parallel, len(train_set), None if valid_set is None else len(valid_set))
     if plan.epochs_note:
         notes.append(plan.epochs_note)

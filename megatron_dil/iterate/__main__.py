@@ -1,0 +1,5 @@
+import sys
+
+from megatron_dil.iterate.cli import main
+
+sys.exit(main())
