@@ -30,7 +30,8 @@ def load_initial_weights(chunks: list[GPTModel], run: RunConfig) -> None:
 
 def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
                  ) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
-    """Policy chunks with initial weights, wrapped in Megatron DDP, and the (distributed) AdamW optimizer.
+    """Policy chunks with initial weights (and LoRA adapters, the base frozen, with ``lora:``), wrapped in Megatron
+    DDP, and the (distributed) AdamW optimizer over the trainable parameters.
 
     Gradients are normalised by the global number of pairs: the loss function returns Σ per-pair losses and the pair
     count, ``calculate_per_token_loss`` makes the schedule sum (not average) over micro-batches and DP ranks, and
@@ -39,8 +40,13 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     train = run.train
     dtype = params_dtype(train)
     chunks = build_model(model, params_dtype=dtype, sequence_parallel=run.parallel.sequence_parallel,
-                         recompute=train.recompute_activations, max_sequence_length=max_sequence_length)
+                         recompute=train.recompute_activations, max_sequence_length=max_sequence_length,
+                         local_spec=run.lora is not None)
     load_initial_weights(chunks, run)
+    if run.lora is not None:  # before the DDP wrap: only the adapters get gradient buffers and optimizer state
+        from megatron_dil.lora import apply_lora
+
+        apply_lora(chunks, run.lora, train.seed)
     config = chunks[0].config
     config.calculate_per_token_loss = True  # read by DDP's constructor: gradients summed over DP, not averaged
     config.finalize_model_grads_func = finalize_model_grads

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron_dil.config import save_config, to_dict
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.loader import build_dataloader
+from megatron_dil.lora import base_model, merged
 from megatron_dil.losses import PairLogProbs, PreferenceLoss, build_loss
 from megatron_dil.runtime import distributed as runtime
 from megatron_dil.training.builders import build_policy, build_reference, build_scheduler, params_dtype
@@ -96,20 +97,25 @@ class Trainer:
         if self.run.reference.mode == "model":
             self.reference_model = build_reference(self.model_config, self.run, self.run.data.max_length)
             return
+        if self.run.reference.mode == "base":
+            return  # the policy's frozen base, every step (reference_for)
         model_id = model_identity(self.run.init.checkpoint, to_dict(self.model_config), self.run.train.seed)
-        for chunk in self.policy:
-            chunk.eval()
-        for name, dataset in (("train", self.train_set), ("valid", self.valid_set)):
-            if dataset is not None:
-                self.tables[name] = reference_table(
-                    self.policy, dataset, self.collator, self.setup, model_id, str(params_dtype(self.run.train)),
-                    self.run.train.micro_batch_size, self.run.reference, self.device, self.monitor.log)
+        with base_model(self.policy):  # eval mode; LoRA adapters off (the base: exact whatever B holds)
+            for name, dataset in (("train", self.train_set), ("valid", self.valid_set)):
+                if dataset is not None:
+                    self.tables[name] = reference_table(
+                        self.policy, dataset, self.collator, self.setup, model_id, str(params_dtype(self.run.train)),
+                        self.run.train.micro_batch_size, self.run.reference, self.device, self.monitor.log)
 
     def reference_for(self, split: str, batches: list[PreferenceBatch]) -> ReferenceFn:
         if not self.loss.needs_reference:
             return lambda index, batch: None
-        if self.reference_model is not None:
-            logprobs = compute_logprobs(self.reference_model, batches, self.setup)
+        if self.reference_model is not None or self.run.reference.mode == "base":
+            if self.reference_model is not None:
+                logprobs = compute_logprobs(self.reference_model, batches, self.setup)
+            else:
+                with base_model(self.policy):
+                    logprobs = compute_logprobs(self.policy, batches, self.setup)
             return lambda index, batch: logprobs[index]
         return table_reference(self.tables[split])
 
@@ -234,8 +240,15 @@ class Trainer:
         tokenizer_dir = next((str(p) for p in ([Path(init) / "tokenizer"] if init else []) + [Path(self.run.data.tokenizer)]
                               if p.is_dir()), None)
         final = Path(self.run.output_dir) / "final"
-        save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir, hf_config,
-                                 source="megatron-dil-train")
+        lora = self.run.lora
+        if lora is not None and lora.final == "adapters":
+            from megatron_dil.lora.export import save_adapters
+
+            save_adapters([c.module for c in self.policy], final, self.model_config, lora, init)
+        else:
+            with merged(self.policy):  # LoRA: W + (α/r)·B·A, a normal checkpoint (no-op without adapters)
+                save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir,
+                                         hf_config, source="megatron-dil-train")
         if self.run.checkpoint.export_hf and dist.get_rank() == 0:
             target = Path(self.run.checkpoint.export_hf)
             staging = target.with_name(target.name + ".exporting")  # a re-run replaces an older export whole
