@@ -178,3 +178,49 @@ def test_peft_and_merged_exports_load_in_transformers(adapted, tiny, tmp_path, c
     assert main(["--source", str(adapted["dir"] / "merged"), "--output", str(tmp_path / "x"), "--adapter-only"]) == 1
     err = capsys.readouterr().err.strip()
     assert "not an adapters directory" in err and "\n" not in err and not (tmp_path / "x").exists()
+
+
+def lora_run(tiny, name: str, tp: int = 1, pp: int = 1, **sections) -> dict:
+    defaults = dict(model=None, init={"checkpoint": tiny["checkpoints"][tp]}, parallel={"tensor": tp, "pipeline": pp},
+                    lora={"rank": RANK, "alpha": ALPHA}, train={"lr": 2e-2}, reference={"mode": "base"},
+                    logging={"eval_pairs": 16})
+    return run_dict(tiny, tiny["root"] / name, **{**defaults, **sections})
+
+
+def test_lora_dil_layouts_reference_modes_and_resume(tiny):
+    """LoRA DIL-LSIF with the base as reference: step 0 is the initial policy (LSIF = -1/2, f = 0); the trajectory
+    is the same at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) and with a co-resident reference model;
+    checkpoints hold the adapters only and a resumed run continues the same trajectory; final/ is merged (a normal
+    checkpoint: adapted weights moved, the rest untouched) or the adapters."""
+    from safetensors.torch import load_file
+
+    from megatron_dil.convert import MegatronCheckpoint
+
+    trajectories = {}
+    for tp, pp, dp in ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)):
+        out = train_ranks(lora_run(tiny, f"lora_{tp}{pp}{dp}", tp, pp), tp * pp * dp)
+        assert out["history"][0]["loss"] == pytest.approx(-0.5, abs=1e-6)
+        assert out["history"][0]["dil/f_chosen"] == pytest.approx(0.0, abs=1e-6)
+        trajectories[(tp, pp, dp)] = [h["loss"] for h in out["history"]]
+    reference = trajectories[(1, 1, 1)]
+    assert max(reference) - min(reference) > 1e-3, reference
+    for layout, losses in trajectories.items():
+        np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-5, err_msg=str(layout))
+    model_ref = train_ranks(lora_run(tiny, "lora_model_ref", reference={"mode": "model"}), 1)
+    np.testing.assert_allclose([h["loss"] for h in model_ref["history"]], reference, rtol=0, atol=1e-6)
+
+    final, init = MegatronCheckpoint(tiny["root"] / "lora_111" / "final"), MegatronCheckpoint(tiny["checkpoints"][1])
+    assert set(final._file_of) == set(init._file_of)  # a plain checkpoint: the base's keys, no adapters
+    qkv, embedding = "decoder.layers.0.self_attention.linear_qkv.weight", "embedding.word_embeddings.weight"
+    assert not torch.equal(final.read(qkv, 0), init.read(qkv, 0))
+    assert torch.equal(final.read(embedding, 0), init.read(embedding, 0))
+
+    split = tiny["root"] / "lora_resume"
+    first = train_ranks(lora_run(tiny, "lora_resume", train={"lr": 2e-2, "exit_interval": 2}), 1)
+    saved = torch.load(split / "checkpoints" / "iter_0000002" / "model_tp00_pp000.pt", weights_only=False)
+    assert saved["model"][0] and all(".lora." in key for key in saved["model"][0])
+    second = train_ranks(lora_run(tiny, "lora_resume", lora={"rank": RANK, "alpha": ALPHA, "final": "adapters"}), 1)
+    resumed = [h["loss"] for h in first["history"]] + [h["loss"] for h in second["history"]]
+    np.testing.assert_allclose(resumed, reference, rtol=0, atol=1e-6)
+    adapters = load_file(str(split / "final" / "adapter_tp00_pp000.safetensors"))
+    assert len(adapters) == 2 * 4 * 4 and all(".lora." in key for key in adapters)
