@@ -224,3 +224,21 @@ def test_lora_dil_layouts_reference_modes_and_resume(tiny):
     np.testing.assert_allclose(resumed, reference, rtol=0, atol=1e-6)
     adapters = load_file(str(split / "final" / "adapter_tp00_pp000.safetensors"))
     assert len(adapters) == 2 * 4 * 4 and all(".lora." in key for key in adapters)
+
+
+def test_bad_lora_settings_fail_with_a_clear_message(tiny):
+    from megatron_dil.config import ConfigError, from_dict
+    from megatron_dil.lora import load_trainable_state_dict
+    from megatron_dil.training.config import RunConfig
+
+    cases = [({"reference": {"mode": "base"}}, "reference.mode=base needs a `lora:` section"),
+             ({"lora": {"targets": ["q_proj"]}}, "lora.targets must be a non-empty subset"),
+             ({"lora": {"rank": 0}}, "lora.rank"),
+             ({"lora": {"final": "adapters"}, "checkpoint": {"export_hf": "hf"}}, "set lora.final=merged")]
+    for sections, message in cases:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+            from_dict(RunConfig, run_dict(tiny, tiny["root"] / "bad", **sections))
+    model = torch.nn.Linear(2, 2)
+    model.weight.requires_grad_(False)  # a frozen base with one trainable tensor
+    with pytest.raises(ValueError, match=r"lora settings changed\?\): missing \['bias'\]"):
+        load_trainable_state_dict(model, {"other": torch.zeros(2)})
