@@ -10,6 +10,9 @@ With TP size t and rank k (W's own shard is the slice the adapter must reproduce
   row-parallel (W split on columns: linear_proj, linear_fc2)  A columns of rank k [r, in/t];  B full, replicated
       z = Σ_k A_k·x_k by an all-reduce over TP (Megatron's reduce-from-TP region), then B·z on every rank.
 
+Dropout (``lora.dropout``) draws from the default generator, which Megatron keeps identical over TP ranks (as for
+its hidden dropout): a column-parallel adapter's replicated input gets the same mask on every rank.
+
 A is initialised layout-independently (the full matrix from a generator seeded by the run seed and the global
 module name, then sliced), B to zero: at step 0 the adapted model equals the base exactly, at any TP/PP.
 """
