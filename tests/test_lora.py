@@ -240,5 +240,11 @@ def test_bad_lora_settings_fail_with_a_clear_message(tiny):
             from_dict(RunConfig, run_dict(tiny, tiny["root"] / "bad", **sections))
     model = torch.nn.Linear(2, 2)
     model.weight.requires_grad_(False)  # a frozen base with one trainable tensor
-    with pytest.raises(ValueError, match=r"lora settings changed\?\): missing \['bias'\]"):
+    with pytest.raises(ValueError, match=r"lora settings changed\?\): missing \['bias'\], unexpected \['other'\]"):
         load_trainable_state_dict(model, {"other": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"other shape \['bias'\]"):  # another rank
+        load_trainable_state_dict(model, {"bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"missing \['weight'\]"):  # a LoRA checkpoint into full training
+        load_trainable_state_dict(model.requires_grad_(True), {"bias": torch.zeros(2)})
+    load_trainable_state_dict(model.requires_grad_(True), {"weight": torch.ones(2, 2), "bias": torch.ones(2)})
+    assert torch.equal(model.weight, torch.ones(2, 2))

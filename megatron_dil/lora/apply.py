@@ -87,16 +87,21 @@ def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of ``trainable_state_dict``: a partial state must hold exactly the trainable parameters."""
+    """Inverse of ``trainable_state_dict``: a partial state must hold exactly the trainable parameters, shaped alike
+    (a checkpoint of another ``lora:`` setting, or of full-parameter training, is refused naming the difference)."""
     params = dict(module.named_parameters())
-    if all(p.requires_grad for p in params.values()):
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    full = len(trainable) == len(params)  # a full state dict also holds buffers and extra state
+    expected = set(params) if full else trainable
+    present = set(state) & set(params) if full else set(state)
+    reshaped = [n for n in present & expected if tuple(state[n].shape) != tuple(params[n].shape)]
+    if expected != present or reshaped:
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        raise ValueError(f"the checkpoint's trainable tensors do not match this model's (lora settings changed?): "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}, other shape {reshaped[:3]}")
+    if full:
         module.load_state_dict(state)
         return
-    trainable = {name for name, p in params.items() if p.requires_grad}
-    if set(state) != trainable:
-        missing, extra = sorted(trainable - set(state)), sorted(set(state) - trainable)
-        raise ValueError(f"the checkpoint's trainable tensors do not match this model's (lora settings changed?): "
-                         f"missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
