@@ -227,9 +227,14 @@ def test_lora_dil_layouts_reference_modes_and_resume(tiny):
 
 
 def test_bad_lora_settings_fail_with_a_clear_message(tiny):
-    from megatron_dil.config import ConfigError, from_dict
+    from pathlib import Path
+
+    from megatron_dil.config import ConfigError, from_dict, load_config
     from megatron_dil.lora import load_trainable_state_dict
     from megatron_dil.training.config import RunConfig
+
+    recipe = load_config(RunConfig, Path(__file__).parent.parent / "examples" / "llama3-8b" / "dil_lsif_lora.yaml")
+    assert recipe.lora.rank == 16 and recipe.lora.scaling == 2.0 and recipe.reference.mode == "base"
 
     cases = [({"reference": {"mode": "base"}}, "reference.mode=base needs a `lora:` section"),
              ({"lora": {"targets": ["q_proj"]}}, "lora.targets must be a non-empty subset"),
