@@ -29,15 +29,6 @@ from bench.bench_training import LLAMA_100M, peak_rss_mib, prepare_data, run_dic
 RANK = 16
 
 
-def adapter_parameters(model: dict, rank: int) -> int:
-    """r·(in + out) per adapted linear: QKV [h → (nh + 2·ng)·d], proj [nh·d → h], fc1 [h → 2F], fc2 [F → h]."""
-    h, f, heads = model["hidden_size"], model["ffn_hidden_size"], model["num_attention_heads"]
-    groups = model.get("num_query_groups") or heads
-    d = h // heads
-    per_layer = (h + (heads + 2 * groups) * d) + (heads * d + h) + (h + 2 * f) + (f + h)
-    return rank * per_layer * model["num_layers"]
-
-
 def _case(run: dict, steps: int, result_path: str) -> None:
     """One case in this (fresh, single-rank) process: mean step seconds over steps 2.., peak RSS, trainable count."""
     from tests.distributed import free_port
@@ -105,7 +96,12 @@ def main() -> None:
             print(f"{name:9s} {results[name]['step_seconds']:.2f} s/step, peak RSS "
                   f"{results[name]['peak_rss_mib']:.0f} MiB", flush=True)
     full = results["full"]
-    assert results["lora"]["trainable"] == adapter_parameters(LLAMA_100M, RANK), results["lora"]["trainable"]
+    from megatron_dil.config import from_dict
+    from megatron_dil.lora import LoRAConfig
+    from megatron_dil.models.config import ModelConfig
+
+    expected = from_dict(LoRAConfig, lora).num_parameters(from_dict(ModelConfig, LLAMA_100M))
+    assert results["lora"]["trainable"] == expected, (results["lora"]["trainable"], expected)
     summary = {"parameters": full["trainable"], "trainable_lora": results["lora"]["trainable"],
                **{f"{n}_vs_full_step_time": r["step_seconds"] / full["step_seconds"] for n, r in results.items()},
                **{f"{n}_vs_full_peak_rss": r["peak_rss_mib"] / full["peak_rss_mib"] for n, r in results.items()}}

@@ -80,6 +80,8 @@ def _adapted(rank: int, world_size: int, checkpoints: dict, out_dir: str) -> dic
             chunks = build_model(model_cfg, max_sequence_length=TOKENS.shape[1])
             load_megatron_checkpoint(chunks, checkpoints[tp])
         apply_lora(chunks, lora, seed=3)
+        if (tp, pp) == (1, 1):
+            results["trainable"] = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
         with torch.no_grad():
             for chunk in chunks:
                 for layer in chunk.decoder.layers:
@@ -132,10 +134,13 @@ def _adapted(rank: int, world_size: int, checkpoints: dict, out_dir: str) -> dic
 def adapted(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     ranks = run_ranks(_adapted, 2, tiny["checkpoints"], str(out))
-    return {"ranks": ranks, "dir": out}
+    return {"ranks": ranks, "dir": out, "checkpoints": tiny["checkpoints"]}
 
 
 def test_adapter_forward_and_gradients_match_the_merged_float64_reference(adapted):
+    from megatron_dil.convert import MegatronCheckpoint
+    from megatron_dil.lora import LoRAConfig
+
     """Adapted logits at (TP, PP) = (1,1), (2,1), (1,2) equal a plain model with W + (α/r)·B·A merged in float64;
     only adapters get gradients, and the TP=2 shards' gradients assemble into the TP=1 ones."""
     rank0, rank1 = adapted["ranks"]
@@ -148,6 +153,8 @@ def test_adapter_forward_and_gradients_match_the_merged_float64_reference(adapte
         names = rank0[("with_grad", tp)]
         assert names and all(".lora." in n for n in names), names
         assert len(names) == 2 * 4 * 4  # A and B of 4 linears on 4 layers
+    model = MegatronCheckpoint(adapted["checkpoints"][1]).model
+    assert rank0["trainable"] == LoRAConfig(rank=RANK, alpha=ALPHA).num_parameters(model)  # summed over TP=1 ranks
     for key, (ga, gb) in rank0[("grads", 1)].items():
         ga2, gb2 = rank0[("grads", 2)][key]
         for got, want in ((ga2, ga), (gb2, gb)):  # fp32 sums in another order: relative to the largest entry

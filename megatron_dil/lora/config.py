@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_dil.config import at_least
+from megatron_dil.models.config import ModelConfig
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -38,3 +39,12 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def num_parameters(self, model: ModelConfig) -> int:
+        """Trainable adapter parameters, r·(in + out) per adapted linear: QKV [h → (nh + 2·ng)·d], proj [nh·d → h],
+        fc1 [h → 2F], fc2 [F → h], on every layer."""
+        h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+        heads = model.num_attention_heads
+        sizes = {"linear_qkv": h + (heads + 2 * model.query_groups) * d, "linear_proj": heads * d + h,
+                 "linear_fc1": h + 2 * f, "linear_fc2": f + h}
+        return self.rank * model.num_layers * sum(sizes[t] for t in self.targets)

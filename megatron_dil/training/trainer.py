@@ -164,7 +164,9 @@ class Trainer:
         run, result = self.run, self.result
         if dist.get_rank() == 0:
             save_config(run, Path(run.output_dir) / "config.yaml")
-        self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters | layout TP="
+        lora = "" if run.lora is None else \
+            f" (LoRA rank {run.lora.rank}: {run.lora.num_parameters(self.model_config) / 1e6:.2f}M trainable)"
+        self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters{lora} | layout TP="
                          f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size} | "
                          f"{self.plan.describe()} | loss {self.loss.name}")
         self.prepare_reference()  # before resuming: the policy still holds the initial (= reference) weights
