@@ -196,7 +196,8 @@ def lora_run(tiny, name: str, tp: int = 1, pp: int = 1, **sections) -> dict:
 
 def test_lora_dil_layouts_reference_modes_and_resume(tiny):
     """LoRA DIL-LSIF with the base as reference: step 0 is the initial policy (LSIF = -1/2, f = 0); the trajectory
-    is the same at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) and with a co-resident reference model;
+    is the same at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) and with a co-resident or precomputed
+    reference;
     checkpoints hold the adapters only and a resumed run continues the same trajectory; final/ is merged (a normal
     checkpoint: adapted weights moved, the rest untouched) or the adapters."""
     from safetensors.torch import load_file
@@ -213,8 +214,9 @@ def test_lora_dil_layouts_reference_modes_and_resume(tiny):
     assert max(reference) - min(reference) > 1e-3, reference
     for layout, losses in trajectories.items():
         np.testing.assert_allclose(losses, reference, rtol=0, atol=2e-5, err_msg=str(layout))
-    model_ref = train_ranks(lora_run(tiny, "lora_model_ref", reference={"mode": "model"}), 1)
-    np.testing.assert_allclose([h["loss"] for h in model_ref["history"]], reference, rtol=0, atol=1e-6)
+    for mode in ("model", "precompute"):  # a co-resident base copy; log-probs cached before training
+        other = train_ranks(lora_run(tiny, f"lora_{mode}_ref", reference={"mode": mode, "recompute": True}), 1)
+        np.testing.assert_allclose([h["loss"] for h in other["history"]], reference, rtol=0, atol=1e-6, err_msg=mode)
 
     final, init = MegatronCheckpoint(tiny["root"] / "lora_111" / "final"), MegatronCheckpoint(tiny["checkpoints"][1])
     assert set(final._file_of) == set(init._file_of)  # a plain checkpoint: the base's keys, no adapters

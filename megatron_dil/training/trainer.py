@@ -100,22 +100,23 @@ class Trainer:
         if self.run.reference.mode == "base":
             return  # the policy's frozen base, every step (reference_for)
         model_id = model_identity(self.run.init.checkpoint, to_dict(self.model_config), self.run.train.seed)
-        with base_model(self.policy):  # eval mode; LoRA adapters off (the base: exact whatever B holds)
-            for name, dataset in (("train", self.train_set), ("valid", self.valid_set)):
-                if dataset is not None:
-                    self.tables[name] = reference_table(
-                        self.policy, dataset, self.collator, self.setup, model_id, str(params_dtype(self.run.train)),
-                        self.run.train.micro_batch_size, self.run.reference, self.device, self.monitor.log)
+        for chunk in self.policy:  # LoRA: B is still zero here, so the adapted policy is the base exactly
+            chunk.eval()
+        for name, dataset in (("train", self.train_set), ("valid", self.valid_set)):
+            if dataset is not None:
+                self.tables[name] = reference_table(
+                    self.policy, dataset, self.collator, self.setup, model_id, str(params_dtype(self.run.train)),
+                    self.run.train.micro_batch_size, self.run.reference, self.device, self.monitor.log)
 
     def reference_for(self, split: str, batches: list[PreferenceBatch]) -> ReferenceFn:
         if not self.loss.needs_reference:
             return lambda index, batch: None
-        if self.reference_model is not None or self.run.reference.mode == "base":
-            if self.reference_model is not None:
-                logprobs = compute_logprobs(self.reference_model, batches, self.setup)
-            else:
-                with base_model(self.policy):
-                    logprobs = compute_logprobs(self.policy, batches, self.setup)
+        if self.run.reference.mode == "base":  # LoRA: the policy with its adapters switched off
+            with base_model(self.policy):
+                logprobs = compute_logprobs(self.policy, batches, self.setup)
+            return lambda index, batch: logprobs[index]
+        if self.reference_model is not None:
+            logprobs = compute_logprobs(self.reference_model, batches, self.setup)
             return lambda index, batch: logprobs[index]
         return table_reference(self.tables[split])
 
