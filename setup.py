@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "peft>=0.21"],  # peft: the LoRA export is checked against PeftModel
     # Transformer Engine and apex are not pip-installable without a CUDA toolchain; they come with the NGC PyTorch
     # image (nvcr.io/nvidia/pytorch), where megatron_dil uses them automatically when importable with CUDA.
     "gpu": [],

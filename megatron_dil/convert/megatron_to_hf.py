@@ -104,12 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30,
                         help="largest safetensors file, in GiB (default 5)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="SOURCE is a LoRA adapters directory (a run's final/ with lora.final=adapters): write a "
+                             "PEFT directory (adapter_config.json + adapter_model.safetensors) for peft.PeftModel")
+    parser.add_argument("--base-model", default=None,
+                        help="with --adapter-only: base_model_name_or_path recorded in adapter_config.json "
+                             "(default: the run's init.checkpoint)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``megatron-dil-megatron-to-hf``."""
     args = build_parser().parse_args(argv)
+    if args.adapter_only:
+        from megatron_dil.lora.export import export_peft
+
+        try:
+            export_peft(args.source, args.output, args.base_model)
+        except (ConversionError, IntegrityError) as err:
+            print(f"megatron-dil-megatron-to-hf: error: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote PEFT adapters {args.output}")
+        return 0
     try:
         weight_map = megatron_to_hf(args.source, args.output, dtype=args.dtype,
                                     max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress)

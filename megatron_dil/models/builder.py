@@ -114,8 +114,10 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
 
 def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                 recompute: bool = False, max_sequence_length: int | None = None,
-                moe_dispatcher: str = "alltoall") -> list[GPTModel]:
+                moe_dispatcher: str = "alltoall", local_spec: bool = False) -> list[GPTModel]:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without interleaving).
+    ``local_spec`` forces Megatron's own linears even where Transformer Engine is available (LoRA: TE fuses the norm
+    into linear_qkv/linear_fc1, so an adapter there would see the pre-norm input).
 
     The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP].
     """
@@ -123,13 +125,14 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
     if recompute and not torch.cuda.is_available():
         raise ValueError("recompute_activations is a GPU option: on CPU the re-forward runs in the autograd engine, "
                          "outside the CPU bridge")
-    if sequence_parallel and not transformer_engine_available():
+    use_te = transformer_engine_available() and not local_spec
+    if sequence_parallel and not use_te:
         raise ValueError("sequence_parallel needs Transformer Engine (GPU): the local layer spec's torch norms do not "
                          "support it")
     config = transformer_config(model, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
                                 recompute=recompute, moe_dispatcher=moe_dispatcher)
     experts = dict(num_experts=model.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
-    if transformer_engine_available():
+    if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, **experts)

@@ -30,7 +30,8 @@ def load_initial_weights(chunks: list[GPTModel], run: RunConfig) -> None:
 
 def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
                  ) -> tuple[list[DistributedDataParallel], MegatronOptimizer]:
-    """Policy chunks with initial weights, wrapped in Megatron DDP, and the (distributed) AdamW optimizer.
+    """Policy chunks with initial weights (and LoRA adapters, the base frozen, with ``lora:``), wrapped in Megatron
+    DDP, and the (distributed) AdamW optimizer over the trainable parameters.
 
     With MoE, DDP keeps dense and expert parameters in separate buffers (dense grads reduced over DP, expert grads over
     the expert-data-parallel group) and the optimizer is Megatron's chain of a dense and an expert optimizer.
@@ -43,8 +44,12 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     dtype = params_dtype(train)
     chunks = build_model(model, params_dtype=dtype, sequence_parallel=run.parallel.sequence_parallel,
                          recompute=train.recompute_activations, max_sequence_length=max_sequence_length,
-                         moe_dispatcher=run.parallel.expert_dispatcher)
+                         moe_dispatcher=run.parallel.expert_dispatcher, local_spec=run.lora is not None)
     load_initial_weights(chunks, run)
+    if run.lora is not None:  # before the DDP wrap: only the adapters get gradient buffers and optimizer state
+        from megatron_dil.lora import apply_lora
+
+        apply_lora(chunks, run.lora, train.seed)
     config = chunks[0].config
     config.calculate_per_token_loss = True  # read by DDP's constructor: gradients summed over DP, not averaged
     if model.is_moe:

@@ -1,7 +1,8 @@
 """Resumable training checkpoints: written atomically, verified on load.
 
 Layout: ``OUTPUT_DIR/checkpoints/iter_NNNNNNN/`` with
-  ``model_tpXX_ppYYY.pt``   model chunks + LR scheduler, from DP rank 0 of each (tp, pp)
+  ``model_tpXX_ppYYY.pt``   model chunks (only the trainable tensors when some are frozen: LoRA adapters) + LR
+                            scheduler, from DP rank 0 of each (tp, pp)
   ``rank_RRRRR.pt``         every rank's optimizer shard (Adam moments and step, fp32 main params, loss scaler) and
                             RNG states: with the distributed optimizer each DP rank owns a different shard
   ``state.json``            iteration, consumed pairs, skipped steps, the layout, the run's schedule keys and the size
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_dil.lora.apply import load_trainable_state_dict, trainable_state_dict
 from megatron_dil.io import IntegrityError, atomic_write_text, file_record, publish, verify_file, verify_files
 from megatron_dil.training.collectives import first_error
 
@@ -182,7 +184,7 @@ def save_checkpoint(root: str | Path, chunks: list, optimizer, scheduler, state:
     records = {}
     try:
         if _writes_model_file():
-            torch.save({"model": [c.module.state_dict() for c in chunks], "scheduler": scheduler.state_dict()},
+            torch.save({"model": [trainable_state_dict(c.module) for c in chunks], "scheduler": scheduler.state_dict()},
                        partial / _model_file())
             records[_model_file()] = file_record(partial / _model_file())
         own = f"rank_{rank:05d}.pt"
@@ -280,7 +282,7 @@ def load_checkpoint(path: str | Path, chunks: list, optimizer, scheduler) -> tup
                          f"the same parallel sizes (or export to HF and re-convert at the new layout)")
     blob = _load(path, _model_file())
     for chunk, state_dict in zip(chunks, blob["model"], strict=True):
-        chunk.module.load_state_dict(state_dict)
+        load_trainable_state_dict(chunk.module, state_dict)
     own = _load(path, f"rank_{dist.get_rank():05d}.pt")
     _load_optimizer_state(optimizer, own["optimizer"])
     scheduler.step(increment=blob["scheduler"]["num_steps"])  # sets each group's lr for the resumed step

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from megatron_dil.config import at_least
 from megatron_dil.data.config import DataConfig
 from megatron_dil.generation.config import GenerationEvalConfig
+from megatron_dil.lora.config import LoRAConfig
 from megatron_dil.losses.config import LossConfig
 from megatron_dil.models.config import ModelConfig
 from megatron_dil.runtime.distributed import ParallelConfig
@@ -79,16 +80,17 @@ class ReferenceConfig:
     ``precompute``: one forward pass of the frozen initial weights over the train/valid sets before training, cached
     per dataset under a key of its content, the model's and the precision (``NAME.reference_logps.KEY.npz``, see
     ``training/reference.py``) and reused by later runs and losses; caches of different models coexist; a damaged
-    cache is refused. ``model``: a co-resident frozen copy run every step.
+    cache is refused. ``model``: a co-resident frozen copy run every step. ``base`` (with ``lora:``): the policy's
+    own frozen base with the adapters switched off, run every step — no second copy of the weights.
     """
 
-    mode: str = "precompute"  # precompute | model
+    mode: str = "precompute"  # precompute | model | base
     recompute: bool = False  # recompute and overwrite the cache (the remedy for a damaged one)
     cache_dir: str | None = None  # where caches go; None = beside each dataset (must then be writable)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("precompute", "model"):
-            raise ValueError(f"mode must be precompute or model, not {self.mode!r}")
+        if self.mode not in ("precompute", "model", "base"):
+            raise ValueError(f"mode must be precompute, model or base, not {self.mode!r}")
 
 
 @dataclass
@@ -127,8 +129,17 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generate_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    lora: LoRAConfig | None = None  # low-rank adapters on a frozen base; absent = full-parameter training
 
     def __post_init__(self) -> None:
+        if self.reference.mode == "base" and self.lora is None:
+            raise ValueError("reference.mode=base needs a `lora:` section (the frozen base is the reference); use "
+                             "precompute or model for full-parameter training")
+        if self.lora is not None and self.parallel.sequence_parallel:
+            raise ValueError("lora does not support parallel.sequence_parallel (the adapters take the full sequence)")
+        if self.lora is not None and self.lora.final == "adapters" and self.checkpoint.export_hf:
+            raise ValueError("checkpoint.export_hf writes a full model: set lora.final=merged, or export the adapters "
+                             "with megatron-dil-megatron-to-hf --adapter-only")
         if self.model is None and self.init.checkpoint is None:
             raise ValueError("set `model` (e.g. model: {preset: tiny}) or `init.checkpoint`")
         if self.model is not None and self.init.checkpoint is not None:

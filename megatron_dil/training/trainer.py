@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron_dil.config import save_config, to_dict
 from megatron_dil.data.collator import PreferenceBatch, PreferenceCollator
 from megatron_dil.data.loader import build_dataloader
+from megatron_dil.lora import base_model, merged
 from megatron_dil.losses import PairLogProbs, PreferenceLoss, build_loss
 from megatron_dil.models.moe import MoEMonitor
 from megatron_dil.runtime import distributed as runtime
@@ -99,8 +100,10 @@ class Trainer:
         if self.run.reference.mode == "model":
             self.reference_model = build_reference(self.model_config, self.run, self.run.data.max_length)
             return
+        if self.run.reference.mode == "base":
+            return  # the policy's frozen base, every step (reference_for)
         model_id = model_identity(self.run.init.checkpoint, to_dict(self.model_config), self.run.train.seed)
-        for chunk in self.policy:
+        for chunk in self.policy:  # LoRA: B is still zero here, so the adapted policy is the base exactly
             chunk.eval()
         for name, dataset in (("train", self.train_set), ("valid", self.valid_set)):
             if dataset is not None:
@@ -111,6 +114,10 @@ class Trainer:
     def reference_for(self, split: str, batches: list[PreferenceBatch]) -> ReferenceFn:
         if not self.loss.needs_reference:
             return lambda index, batch: None
+        if self.run.reference.mode == "base":  # LoRA: the policy with its adapters switched off
+            with base_model(self.policy):
+                logprobs = compute_logprobs(self.policy, batches, self.setup)
+            return lambda index, batch: logprobs[index]
         if self.reference_model is not None:
             logprobs = compute_logprobs(self.reference_model, batches, self.setup)
             return lambda index, batch: logprobs[index]
@@ -163,7 +170,9 @@ class Trainer:
         run, result = self.run, self.result
         if dist.get_rank() == 0:
             save_config(run, Path(run.output_dir) / "config.yaml")
-        self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters | layout TP="
+        lora = "" if run.lora is None else \
+            f" (LoRA rank {run.lora.rank}: {run.lora.num_parameters(self.model_config) / 1e6:.2f}M trainable)"
+        self.monitor.log(f"model: {self.model_config.num_parameters() / 1e6:.2f}M parameters{lora} | layout TP="
                          f"{run.parallel.tensor} PP={run.parallel.pipeline} DP={self.dp_size}"
                          + (f" EP={run.parallel.expert}" if self.model_config.is_moe else "")
                          + f" | {self.plan.describe()} | loss {self.loss.name}")
@@ -241,8 +250,15 @@ class Trainer:
         tokenizer_dir = next((str(p) for p in ([Path(init) / "tokenizer"] if init else []) + [Path(self.run.data.tokenizer)]
                               if has_tokenizer(p)), None)
         final = Path(self.run.output_dir) / "final"
-        save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir, hf_config,
-                                 source="megatron-dil-train")
+        lora = self.run.lora
+        if lora is not None and lora.final == "adapters":
+            from megatron_dil.lora.export import save_adapters
+
+            save_adapters([c.module for c in self.policy], final, self.model_config, lora, init)
+        else:
+            with merged(self.policy):  # LoRA: W + (α/r)·B·A, a normal checkpoint (no-op without adapters)
+                save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir,
+                                         hf_config, source="megatron-dil-train")
         if self.run.checkpoint.export_hf and dist.get_rank() == 0:
             target = Path(self.run.checkpoint.export_hf)
             staging = target.with_name(target.name + ".exporting")  # a re-run replaces an older export whole
