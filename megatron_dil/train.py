@@ -8,7 +8,6 @@ parallel, data, loss, train, reference, checkpoint, logging. The resolved config
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatron_dil.runtime.cpu_compat import silence_expected_warnings
@@ -16,6 +15,7 @@ from megatron_dil.runtime.cpu_compat import silence_expected_warnings
 silence_expected_warnings()  # before Megatron-Core is imported (it warns at import time)
 
 from megatron_dil.config import ConfigError, load_config  # noqa: E402
+from megatron_dil.runtime.errors import report_rank_error  # noqa: E402
 from megatron_dil.training.config import RunConfig  # noqa: E402
 
 
@@ -40,14 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(run)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as err:
-        if os.environ.get("MEGATRON_DIL_TRACEBACK"):
-            raise
         # Bad input (layout, data, tokenizer, damaged checkpoint, stale reference cache, non-finite steps, a full
         # disk): one line per failing rank instead of a traceback from every rank.
-        rank = os.environ.get("RANK", "0")
-        print(f"megatron-dil-train: error on rank {rank}: {type(err).__name__}: {err} "
-              f"(MEGATRON_DIL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 1
+        return report_rank_error("megatron-dil-train", err)
     return 0
 
 

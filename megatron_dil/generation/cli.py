@@ -9,7 +9,6 @@ token, under the sampling model, as in training), finish_reason (eos / stop / le
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ silence_expected_warnings()  # before Megatron-Core is imported (it warns at imp
 from megatron_dil.generation.model import GenerationInputError  # noqa: E402
 from megatron_dil.generation.sampler import SamplingConfig  # noqa: E402
 from megatron_dil.generation.verifier import VERIFIERS  # noqa: E402
+from megatron_dil.runtime.errors import report_rank_error  # noqa: E402
 
 PROG = "megatron-dil-generate"
 
@@ -265,9 +265,5 @@ def main(argv: list[str] | None = None) -> int:
         args.pop("temperature", None)
         run(GenerateConfig(**args, sampling=sampling))
     except (GenerationInputError, ValueError, FileNotFoundError, RuntimeError) as err:
-        if os.environ.get("MEGATRON_DIL_TRACEBACK"):
-            raise
-        rank = os.environ.get("RANK", "0")
-        print(f"{PROG}: error on rank {rank}: {err} (MEGATRON_DIL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 1
+        return report_rank_error(PROG, err)
     return 0

@@ -17,6 +17,7 @@ silence_expected_warnings()  # before Megatron-Core is imported (it warns at imp
 
 from megatron_dil.config import ConfigError, load_config  # noqa: E402
 from megatron_dil.iterate.config import IterateConfig  # noqa: E402
+from megatron_dil.runtime.errors import report_rank_error  # noqa: E402
 
 PROG = "megatron-dil-iterate"
 
@@ -36,11 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = iterate(cfg)
     except (ValueError, OSError, FloatingPointError, RuntimeError) as err:
-        if os.environ.get("MEGATRON_DIL_TRACEBACK"):
-            raise
-        print(f"{PROG}: error on rank {os.environ.get('RANK', '0')}: {err} (MEGATRON_DIL_TRACEBACK=1 shows the "
-              f"traceback)", file=sys.stderr)
-        return 1
+        return report_rank_error(PROG, err)
     if os.environ.get("RANK", "0") == "0":
         print(table, flush=True)
     return 0
