@@ -96,7 +96,7 @@ def test_megatron_checkpoint_disagreeing_with_its_config_is_refused(hf_models, t
         megatron_to_hf(ckpt, tmp_path / "out", progress=False)
 
 
-def test_damaged_files_are_one_line_naming_the_file(hf_models, tmp_path, capsys):
+def test_damaged_files_are_one_line_naming_the_file(hf_models, tmp_path, capfd):
     """Truncated or corrupted weights (HF side and ours), incomplete configs and manifests: a ConversionError /
     IntegrityError naming the file and the problem, nothing written; as init.checkpoint, one line from the CLI."""
     llama, qwen = hf_models["llama"][0], hf_models["qwen2"][0]
@@ -171,7 +171,7 @@ def test_damaged_files_are_one_line_naming_the_file(hf_models, tmp_path, capsys)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "init": {"checkpoint": str(short)},
                                       "data": {"train": ["unused"], "tokenizer": str(llama)}}))
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["--config", str(config)]) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"IntegrityError: checkpoint: {short / shard} has" in lines[0], lines

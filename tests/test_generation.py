@@ -303,16 +303,16 @@ def test_same_seed_same_samples_at_any_dp_size_after_resume_and_from_a_training_
         assert torch.allclose(torch.tensor(row["logprobs"], dtype=torch.float64), reference, atol=1e-5, rtol=0)
 
 
-def _error_line(capsys, argv: list[str]) -> str:
+def _error_line(capfd, argv: list[str]) -> str:
     from megatron_dil.generation.cli import main
 
     assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
 
 
-def test_bad_input_ends_in_one_line(models, tmp_path, capsys):
+def test_bad_input_ends_in_one_line(models, tmp_path, capfd):
     from megatron_dil.data.tokenizer import load_tokenizer
     from megatron_dil.generation.prompts import load_prompts
 
@@ -321,7 +321,7 @@ def test_bad_input_ends_in_one_line(models, tmp_path, capsys):
     prompts.write_text(json.dumps({"prompt": "sort ascending : 3 1 2"}) + "\n")
     base = ["--prompts", str(prompts), "--output", str(tmp_path / "out.jsonl")]
 
-    err = _error_line(capsys, ["--checkpoint", str(tmp_path / "missing"), *base])
+    err = _error_line(capfd, ["--checkpoint", str(tmp_path / "missing"), *base])
     assert "--checkpoint" in err and "missing" in err
 
     other = tmp_path / "other_tokenizer"  # same kind of tokenizer, another vocabulary
@@ -331,13 +331,13 @@ def test_bad_input_ends_in_one_line(models, tmp_path, capsys):
     backend = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(40)} | {"<unk>": 40}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w2", unk_token="<unk>").save_pretrained(other)
-    err = _error_line(capsys, ["--checkpoint", llama, "--tokenizer", str(other), *base])
+    err = _error_line(capfd, ["--checkpoint", llama, "--tokenizer", str(other), *base])
     assert "--tokenizer" in err and "is not the tokenizer of" in err
 
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text(json.dumps({"prompt": "sort ascending : 1"}) + "\n"
                             + json.dumps({"prompt": " ".join(["7"] * 70)}) + "\n")
-    err = _error_line(capsys, ["--checkpoint", llama, "--prompts", str(long_prompts), "--output",
+    err = _error_line(capfd, ["--checkpoint", llama, "--prompts", str(long_prompts), "--output",
                                str(tmp_path / "o.jsonl")])
     assert f"{long_prompts}: row 2" in err and "window of 64" in err
 
@@ -361,7 +361,7 @@ def test_bad_input_ends_in_one_line(models, tmp_path, capsys):
 
     out = tmp_path / "exists.jsonl"
     out.write_text("")
-    err = _error_line(capsys, ["--checkpoint", llama, "--prompts", str(prompts), "--output", str(out)])
+    err = _error_line(capfd, ["--checkpoint", llama, "--prompts", str(prompts), "--output", str(out)])
     assert "--output" in err and "--overwrite" in err
 
 

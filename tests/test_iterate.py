@@ -230,18 +230,18 @@ def test_kill_during_generation_then_rerun_gives_the_same_final_weights(selfplay
     assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
 
 
-def test_bad_iterate_input_is_one_line(selfplay, tiny, tmp_path, capsys):
+def test_bad_iterate_input_is_one_line(selfplay, tiny, tmp_path, capfd):
     from megatron_dil.iterate.cli import main
 
     cfg = dict(selfplay["cfg"], iterations=1)
     path = tmp_path / "iter.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["--config", str(path)]) == 1
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "\n" not in err and "iterations: 1, but" in err and "2 finished iterations" in err
     path.write_text(yaml.safe_dump(dict(selfplay["cfg"], history="all")))
     assert main(["--config", str(path)]) == 1
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "\n" not in err and "(history differ from" in err
     # demonstrations tokenized with another tokenizer than the checkpoint's
     other = tmp_path / "other_tok"
@@ -258,10 +258,10 @@ def test_bad_iterate_input_is_one_line(selfplay, tiny, tmp_path, capsys):
                                                max_length=32, max_prompt_length=16, progress=False)).prefixes["train"]
     path.write_text(yaml.safe_dump(dict(selfplay["cfg"], output_dir=str(tmp_path / "run"), demonstrations=prefix)))
     assert main(["--config", str(path)]) == 1
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "\n" not in err and "was tokenized with" in err
     # a pair dataset where demonstrations are expected
     path.write_text(yaml.safe_dump(dict(selfplay["cfg"], output_dir=str(tmp_path / "run"),
                                         demonstrations=tiny["data"]["train"])))
     assert main(["--config", str(path)]) == 1
-    assert "megatron-dil-iterate reads demonstrations" in capsys.readouterr().err
+    assert "megatron-dil-iterate reads demonstrations" in capfd.readouterr().err
