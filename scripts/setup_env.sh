@@ -69,10 +69,14 @@ echo "setup_env: installing megatron_dil[test] (editable, pinned by scripts/cons
 "$PY" - "$TORCH_SPEC" <<'PY'
 import sys
 
-import megatron.core
-import torch
+from megatron_dil.runtime.cpu_compat import silence_expected_warnings
 
-import megatron_dil
+silence_expected_warnings()  # Megatron-Core's import-time notices about Transformer Engine/apex on CPU
+
+import megatron.core  # noqa: E402
+import torch  # noqa: E402
+
+import megatron_dil  # noqa: E402
 
 spec = sys.argv[1]
 if "==" in spec and torch.__version__.split("+")[0] != spec.split("==")[1]:
