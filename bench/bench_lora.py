@@ -18,13 +18,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_training import LLAMA_100M, peak_rss_mib, prepare_data, run_dict  # noqa: E402
+from bench.bench_training import LLAMA_100M, peak_rss_mib, prepare_data, run_dict, timed_steps  # noqa: E402
 
 RANK = 16
 
@@ -36,36 +35,23 @@ def _case(run: dict, steps: int, result_path: str) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     import torch
-    from megatron.core import parallel_state
 
     from megatron_dil.config import from_dict
-    from megatron_dil.data.loader import build_dataloader
     from megatron_dil.runtime import distributed as runtime
-    from megatron_dil.training.checkpoint import TrainState
     from megatron_dil.training.config import RunConfig
     from megatron_dil.training.trainer import Trainer
 
     torch.set_num_threads(1)
     try:
         trainer = Trainer(from_dict(RunConfig, run))
-        trainer.prepare_reference()
-        loader = build_dataloader(trainer.train_set, trainer.run.data, trainer.tokenizer,
-                                  trainer.run.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                                  trainer.dp_size, train=True)
-        batches_iter, state, seconds, losses = iter(loader), TrainState(), [], []
-        for _ in range(steps):
-            batches = [next(batches_iter).to(trainer.device) for _ in range(trainer.accumulation)]
-            started = time.perf_counter()
-            metrics, _ = trainer.train_step(batches, state)
-            seconds.append(time.perf_counter() - started)
-            losses.append(metrics["loss"])
-            state.iteration += 1
+        records = timed_steps(trainer, steps)
         trainable = sum(p.numel() for c in trainer.policy for p in c.module.parameters() if p.requires_grad)
     finally:
         runtime.shutdown()
-    Path(result_path).write_text(json.dumps({"step_seconds": sum(seconds[1:]) / len(seconds[1:]),
+    seconds = [r["step_seconds"] for r in records[1:]]
+    Path(result_path).write_text(json.dumps({"step_seconds": sum(seconds) / len(seconds),
                                              "peak_rss_mib": peak_rss_mib(), "trainable": trainable,
-                                             "losses": losses}))
+                                             "losses": [r["loss"] for r in records]}))
 
 
 def _in_fresh_process(run: dict, steps: int) -> dict:

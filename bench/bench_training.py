@@ -44,31 +44,37 @@ def peak_rss_mib() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ our trainer
-def _run_trainer(rank: int, world_size: int, run: dict, steps: int) -> dict:
-    """Build the Trainer, prepare the reference, run ``steps`` optimizer steps; mean metrics of steps 2..steps."""
+def timed_steps(trainer, steps: int) -> list[dict]:
+    """Prepare the reference and run ``steps`` optimizer steps of ``trainer`` (no checkpoints, evaluations or export);
+    per step the loss metrics plus the Monitor's scalars (step_seconds, tokens/s, MFU, memory, ...)."""
     from megatron.core import parallel_state
 
-    from megatron_dil.config import from_dict
     from megatron_dil.data.loader import build_dataloader
-    from megatron_dil.runtime import distributed as runtime
     from megatron_dil.training.checkpoint import TrainState
+
+    trainer.prepare_reference()
+    loader = build_dataloader(trainer.train_set, trainer.run.data, trainer.tokenizer, trainer.run.train.micro_batch_size,
+                              parallel_state.get_data_parallel_rank(), trainer.dp_size, train=True)
+    batches_iter, state, records = iter(loader), TrainState(), []
+    for _ in range(steps):
+        batches = [next(batches_iter).to(trainer.device) for _ in range(trainer.accumulation)]
+        trainer.monitor.start_step()
+        metrics, scalars = trainer.train_step(batches, state)
+        state.iteration += 1
+        records.append({**metrics, **trainer.monitor.end_step(state.iteration, batches, metrics, scalars)})
+    return records
+
+
+def _run_trainer(rank: int, world_size: int, run: dict, steps: int) -> dict:
+    """Build the Trainer and run ``steps`` optimizer steps; mean metrics of steps 2..steps."""
+    from megatron_dil.config import from_dict
+    from megatron_dil.runtime import distributed as runtime
     from megatron_dil.training.config import RunConfig
     from megatron_dil.training.trainer import Trainer
 
     try:
         trainer = Trainer(from_dict(RunConfig, run))
-        trainer.prepare_reference()
-        loader = build_dataloader(trainer.train_set, trainer.run.data, trainer.tokenizer,
-                                  trainer.run.train.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                                  trainer.dp_size, train=True)
-        batches_iter, state, records = iter(loader), TrainState(), []
-        for _ in range(steps):
-            batches = [next(batches_iter).to(trainer.device) for _ in range(trainer.accumulation)]
-            trainer.monitor.start_step()
-            metrics, scalars = trainer.train_step(batches, state)
-            state.iteration += 1
-            records.append({**metrics, **trainer.monitor.end_step(state.iteration, batches, metrics, scalars)})
-        timed = records[1:]
+        timed = timed_steps(trainer, steps)[1:]
         keys = ("tokens_per_second", "pairs_per_second", "mfu", "step_seconds", "memory_gib")
         return {**{k: sum(r[k] for r in timed) / len(timed) for k in keys},
                 "loss": timed[-1].get("loss", float("nan")), "peak_flops": trainer.monitor.peak_flops,
