@@ -110,7 +110,7 @@ def parse_demonstration(raw: Any, columns: Columns = Columns()) -> PreferenceRow
     ``rejected=None``."""
     row = row_object(raw)
     if row.get(columns.response) is None and row.get(columns.messages) is not None:
-        conversation = _messages(row[columns.messages], columns.messages, default_role="user")
+        conversation = as_messages(row[columns.messages], columns.messages, default_role="user")
         if conversation[-1]["role"] != REPLY_ROLE:
             raise RowError("missing_field", f"{columns.messages!r} does not end with an {REPLY_ROLE!r} turn (the "
                                             f"response)")
@@ -129,9 +129,9 @@ def parse_demonstration(raw: Any, columns: Columns = Columns()) -> PreferenceRow
         return PreferenceRow("text", prompt, response, None)
     if prompt is None:
         raise RowError("missing_field", f"no {columns.prompt!r}")
-    prompt_msgs = _messages(prompt, columns.prompt, default_role="user")
+    prompt_msgs = as_messages(prompt, columns.prompt, default_role="user")
     _check_roles(prompt_msgs, PROMPT_ROLES, columns.prompt, "prompt messages")
-    response_msgs = _strip_prefix(_messages(response, columns.response, default_role="assistant"), prompt_msgs)
+    response_msgs = _strip_prefix(as_messages(response, columns.response, default_role="assistant"), prompt_msgs)
     if not any(m["content"].strip() for m in prompt_msgs):
         raise RowError("empty_field", f"{columns.prompt!r} is empty")
     if not response_msgs or not any(m["content"].strip() for m in response_msgs):
@@ -141,10 +141,10 @@ def parse_demonstration(raw: Any, columns: Columns = Columns()) -> PreferenceRow
 
 
 def _parse_chat(prompt: Any, chosen: Any, rejected: Any, columns: Columns) -> PreferenceRow:
-    chosen_msgs = _messages(chosen, columns.chosen, default_role="assistant")
-    rejected_msgs = _messages(rejected, columns.rejected, default_role="assistant")
+    chosen_msgs = as_messages(chosen, columns.chosen, default_role="assistant")
+    rejected_msgs = as_messages(rejected, columns.rejected, default_role="assistant")
     if isinstance(prompt, list):
-        prompt_msgs = _messages(prompt, columns.prompt, default_role="user")
+        prompt_msgs = as_messages(prompt, columns.prompt, default_role="user")
         _check_roles(prompt_msgs, PROMPT_ROLES, columns.prompt, "prompt messages")
         chosen_msgs = _strip_prefix(chosen_msgs, prompt_msgs)
         rejected_msgs = _strip_prefix(rejected_msgs, prompt_msgs)
@@ -171,7 +171,7 @@ def _parse_chat(prompt: Any, chosen: Any, rejected: Any, columns: Columns) -> Pr
     return PreferenceRow("chat", prompt_msgs, chosen_msgs, rejected_msgs)
 
 
-def _messages(value: Any, key: str, default_role: str) -> list[Message]:
+def as_messages(value: Any, key: str, default_role: str) -> list[Message]:
     """A string becomes one message of ``default_role``; a list must hold ``{role: str, content: str}`` dicts."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_dil.data.preprocess import iter_raw_rows
-from megatron_dil.data.rows import RowError, _messages, row_object
+from megatron_dil.data.rows import RowError, as_messages, row_object
 from megatron_dil.data.templates import resolve_template
 from megatron_dil.data.tokenize import _collapse_leading_bos
 from megatron_dil.data.tokenizer import PreferenceTokenizer
@@ -54,7 +54,7 @@ def tokenize_prompt(value: Any, tokenizer: PreferenceTokenizer, template: str) -
             raise RowError("empty_field", "the prompt is empty")
         ids = ([tokenizer.bos_id] if tokenizer.adds_bos else []) + tokenizer.encode(value)
     else:
-        messages = _messages(value, "prompt", default_role="user")
+        messages = as_messages(value, "prompt", default_role="user")
         if not any(m["content"].strip() for m in messages):
             raise RowError("empty_field", "the prompt is empty")
         ids = tokenizer.encode(tokenizer.render_chat(messages, template, add_generation_prompt=True))
