@@ -237,6 +237,11 @@ def test_qwen3_and_moe_match_transformers_and_train_alike_across_layouts(models,
 # The DIL trainer on a Qwen3-MoE model at EP=1 and EP=2
 
 def _final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final weights, after checking the manifest's records (gathered from the writing ranks) against every file."""
+    from megatron_dil.io import verify_files
+    files = json.loads((run_dir / "final" / "megatron_dil_checkpoint.json").read_text())["files"]
+    assert {f"shards/{f.name}" for f in (run_dir / "final" / "shards").iterdir()} <= files.keys()
+    verify_files(run_dir / "final", files, "final checkpoint", "a record is wrong")
     tensors = {}
     for file in sorted((run_dir / "final" / "shards").glob("*.safetensors")):
         tensors.update(load_file(file))

@@ -219,9 +219,10 @@ class MegatronCheckpoint:
 
 
 def write_metadata(directory: Path, manifest: Manifest, model: ModelConfig, tokenizer_dir: str | Path | None,
-                   hf_config: dict[str, Any] | None) -> list[str]:
+                   hf_config: dict[str, Any] | None, shard_records: dict[str, dict] | None = None) -> list[str]:
     """Model config, HF config and tokenizer files into ``directory`` (whose shards are written), then the manifest
-    with the size and digest of every file; returns the tokenizer file names."""
+    with the size and digest of every file (``shard_records``: those already taken by the ranks that wrote the
+    shards); returns the tokenizer file names."""
     save_config(model, directory / "model_config.yaml")
     names = list(manifest.shards) + ["model_config.yaml"]
     if hf_config is not None:
@@ -229,7 +230,8 @@ def write_metadata(directory: Path, manifest: Manifest, model: ModelConfig, toke
         names.append("hf_config.json")
     tokenizer = copy_tokenizer(Path(tokenizer_dir), directory / "tokenizer") if tokenizer_dir else []
     names += [f"tokenizer/{name}" for name in tokenizer]
-    manifest.files = record_files(directory, names)
+    known = shard_records or {}
+    manifest.files = {**record_files(directory, [name for name in names if name not in known]), **known}
     (directory / MANIFEST_NAME).write_text(json.dumps(asdict(manifest), indent=2))
     return tokenizer
 
@@ -312,7 +314,8 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
     """Collective: every (tp, pp) rank of the first data/context-parallel replica writes its shard, and (MoE) every
     expert-parallel rank of the first expert-data-parallel replica its experts, one file per layer; global rank 0
     writes manifest, model config, ``hf_config`` (optional, reused by the HF export) and tokenizer, then renames
-    ``<path>.partial`` to ``path``. All ranks of the default group must call it."""
+    ``<path>.partial`` to ``path``. Each writer hashes the files it wrote (in parallel, not all on rank 0) and rank 0
+    gathers their records into the manifest. All ranks of the default group must call it."""
     from megatron.core import parallel_state
 
     final = Path(path)
@@ -325,6 +328,7 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
     tp, pp = (parallel_state.get_tensor_model_parallel_world_size(),
               parallel_state.get_pipeline_model_parallel_world_size())
     tensors: dict[str, torch.Tensor] = {}
+    written: list[str] = []
     for chunk in chunks:
         tensors.update(_canonical_tensors(chunk, tied=model_cfg.tie_embeddings))
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
@@ -332,6 +336,7 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
                           parallel_state.get_pipeline_model_parallel_rank())
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if not is_expert_key(k)},
                   str(partial / name), metadata={"format": "pt"})
+        written.append(name)
     ep = parallel_state.get_expert_model_parallel_world_size()
     per_rank = (model_cfg.num_moe_experts or 0) // ep
     if model_cfg.is_moe and parallel_state.get_expert_data_parallel_rank() == 0:
@@ -340,7 +345,10 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
             keys = expert_keys(model_cfg, layer, range(first, first + per_rank))
             save_file({k: tensors[k].detach().cpu().contiguous() for k in keys},
                       str(partial / expert_file(layer, first)), metadata={"format": "pt"})
-    dist.barrier()
+            written.append(expert_file(layer, first))
+    records = record_files(partial, written)
+    gathered: list[dict[str, dict]] | None = [{} for _ in range(dist.get_world_size())] if rank == 0 else None
+    dist.gather_object(records, gathered, dst=0)
     if rank == 0:
         dtype = next(chunks[0].parameters()).dtype
         manifest = Manifest(tensor_parallel=tp, pipeline_parallel=pp, padded_vocab_size=model_cfg.padded_vocab_size(tp),
@@ -348,7 +356,8 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
                             shards=[shard_file(t, p) for p in range(pp) for t in range(tp)]
                             + [expert_file(layer, r * per_rank) for layer in range(model_cfg.num_layers)
                                for r in range(ep if model_cfg.is_moe else 0)])
-        write_metadata(partial, manifest, model_cfg, tokenizer_dir, hf_config)
+        write_metadata(partial, manifest, model_cfg, tokenizer_dir, hf_config,
+                       shard_records={name: record for part in gathered for name, record in part.items()})
         publish(partial, final)
     dist.barrier()
 
