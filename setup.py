@@ -60,6 +60,7 @@ setup(
             "megatron-dil-hf-to-megatron = megatron_dil.convert.hf_to_megatron:main",
             "megatron-dil-megatron-to-hf = megatron_dil.convert.megatron_to_hf:main",
             "megatron-dil-generate = megatron_dil.generate:main",
+            "megatron-dil-score = megatron_dil.reward.cli:main",
         ]
     },
     classifiers=[

@@ -66,6 +66,7 @@ class Manifest:
     source: str
     shards: list[str] = field(default_factory=list)
     files: dict[str, dict[str, int | str]] = field(default_factory=dict)  # every file but the manifest: size, blake2b
+    reward_normalization: dict[str, Any] | None = None  # reward models: mean/std of r on demonstrations (reward/)
     format_version: int = FORMAT_VERSION
     format: str = "megatron_dil"
 
@@ -297,10 +298,18 @@ def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) ->
                 f"{path}: {name}={stored[name]} in the checkpoint but {value} in the built model; build the model "
                 f"from the checkpoint's model_config.yaml (padded vocabulary depends on make_vocab_size_divisible_by "
                 f"× TP: " + RESHARD_HINT.format(path=path, tp=tp) + ")")
+    from megatron_dil.reward.head import built_head
+
+    head = built_head(chunks)
+    if model.head == "reward" and head != "reward":
+        raise CheckpointMismatchError(f"{path} is a reward model (model_config.yaml head: reward); a policy is "
+                                      f"expected here")
     with torch.no_grad():
         for chunk in chunks:
             for key, param in _canonical_tensors(chunk, tied=False).items():
-                source_key = EMBEDDING if key == OUTPUT and model.tie_embeddings else key
+                if key == OUTPUT and head == "reward" and model.head == "lm":
+                    continue  # a policy's trunk under a new reward head (drawn at build time)
+                source_key = EMBEDDING if key == OUTPUT and model.tie_embeddings and model.head == "lm" else key
                 value = ckpt.read(source_key, 0 if is_expert_key(key) else tp_rank)
                 if tuple(value.shape) != tuple(param.shape):
                     raise CheckpointMismatchError(f"{path}: {source_key} (tp rank {tp_rank}) has shape "
@@ -310,7 +319,8 @@ def load_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path) ->
 
 def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig,
                              tokenizer_dir: str | Path | None = None, hf_config: dict[str, Any] | None = None,
-                             source: str = "save_megatron_checkpoint") -> None:
+                             source: str = "save_megatron_checkpoint",
+                             reward_normalization: dict[str, Any] | None = None) -> None:
     """Collective: every (tp, pp) rank of the first data/context-parallel replica writes its shard, and (MoE) every
     expert-parallel rank of the first expert-data-parallel replica its experts, one file per layer; global rank 0
     writes manifest, model config, ``hf_config`` (optional, reused by the HF export) and tokenizer, then renames
@@ -330,7 +340,7 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
     tensors: dict[str, torch.Tensor] = {}
     written: list[str] = []
     for chunk in chunks:
-        tensors.update(_canonical_tensors(chunk, tied=model_cfg.tie_embeddings))
+        tensors.update(_canonical_tensors(chunk, tied=model_cfg.tie_embeddings and model_cfg.head == "lm"))
     if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
         name = shard_file(parallel_state.get_tensor_model_parallel_rank(),
                           parallel_state.get_pipeline_model_parallel_rank())
@@ -355,7 +365,8 @@ def save_megatron_checkpoint(chunks: list[torch.nn.Module], path: str | Path, mo
                             vocab_size=model_cfg.vocab_size, dtype=dtype_name(dtype), source=source,
                             shards=[shard_file(t, p) for p in range(pp) for t in range(tp)]
                             + [expert_file(layer, r * per_rank) for layer in range(model_cfg.num_layers)
-                               for r in range(ep if model_cfg.is_moe else 0)])
+                               for r in range(ep if model_cfg.is_moe else 0)],
+                            reward_normalization=reward_normalization)
         write_metadata(partial, manifest, model_cfg, tokenizer_dir, hf_config,
                        shard_records={name: record for part in gathered for name, record in part.items()})
         publish(partial, final)

@@ -22,6 +22,9 @@ OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings", 
 LLAMA3_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
+
+
 class ConversionError(ValueError):
     """The checkpoint or request cannot be converted; the message names the file, tensor, field or flag."""
 
@@ -42,12 +45,38 @@ def architecture_of(hf: dict[str, Any]) -> str:
     model_type = hf.get("model_type")
     supported = sorted(SUPPORTED_ARCHITECTURES.values())
     if architectures:
-        if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES.values():
-            raise ConversionError(f"config.json architectures={architectures} is not supported; supported: {supported}")
-        return next(t for t, a in SUPPORTED_ARCHITECTURES.items() if a == architectures[0])
+        causal = architectures[0].replace(SEQUENCE_CLASSIFICATION, CAUSAL_LM) if len(architectures) == 1 else None
+        if causal not in SUPPORTED_ARCHITECTURES.values():
+            raise ConversionError(f"config.json architectures={architectures} is not supported; supported: {supported} "
+                                  f"(and their *{SEQUENCE_CLASSIFICATION} reward models)")
+        return next(t for t, a in SUPPORTED_ARCHITECTURES.items() if a == causal)
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"config.json model_type={model_type!r} is not supported; supported: {supported}")
     return model_type
+
+
+def head_of(hf: dict[str, Any]) -> str:
+    """"reward" for a *ForSequenceClassification config with one label (a reward model), "lm" for *ForCausalLM."""
+    architectures = hf.get("architectures") or []
+    if not (architectures and architectures[0].endswith(SEQUENCE_CLASSIFICATION)):
+        return "lm"
+    labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
+    if labels != 1:
+        raise ConversionError(f"config.json {architectures[0]} has {labels} labels; a reward model has num_labels 1")
+    return "reward"
+
+
+def sequence_classification_config(config: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
+    """The HF config of a reward model: *ForSequenceClassification with one label and ``pad_token_id`` set. HF pools
+    the score at the last token that is not ``pad_token_id``; training pools at the last real token (an EOS for
+    tokenized rows), so the pad id must differ from the EOS id."""
+    if pad_token_id is None or pad_token_id == config.get("eos_token_id"):
+        what = "no pad token" if pad_token_id is None else f"pad_token_id {pad_token_id} = eos_token_id"
+        raise ConversionError(f"the reward model's tokenizer has {what}: Hugging Face would pool the score at another "
+                              f"token than training; pass --pad-token-id ID (an id that never ends a sequence)")
+    arch = config["architectures"][0].replace(CAUSAL_LM, SEQUENCE_CLASSIFICATION)
+    return {**config, "architectures": [arch], "num_labels": 1, "id2label": {"0": "LABEL_0"},
+            "label2id": {"LABEL_0": 0}, "pad_token_id": pad_token_id}
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -125,6 +154,7 @@ def model_config_from_hf(hf: dict[str, Any], make_vocab_size_divisible_by: int =
             sliding_window=optional["sliding_window"] if arch in ("mistral", "mixtral") else None,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
             init_method_std=float(hf.get("initializer_range", 0.02)),
+            head=head_of(hf),
             **moe,
         )
     except ValueError as err:  # ModelConfig's own checks (e.g. heads not a multiple of key/value heads)

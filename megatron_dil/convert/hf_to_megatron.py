@@ -99,6 +99,7 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         if make_vocab_size_divisible_by is not None:
             model = type(model)(**{**model.__dict__, "make_vocab_size_divisible_by": make_vocab_size_divisible_by})
         reader, source_dtype, closer = _MegatronAsHF(ckpt), parse_dtype(ckpt.manifest.dtype), None
+        normalization = ckpt.manifest.reward_normalization
         fused = False
     else:
         hf_config = read_hf_config(source)
@@ -110,6 +111,7 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         fused = model.is_moe and any(k.endswith(moe_names(model).fused_gate_up) for k in weights.keys())
         source_dtype = _check_hf_weights(weights, hf_shapes(model, fused), model.tie_embeddings)
         reader, tokenizer_dir, closer = weights, source, weights
+        normalization = hf_config.get("reward_normalization") if model.head == "reward" else None
     layout = TensorParallelLayout(model, tensor_parallel, hf_fused_experts=fused)
     validate_pipeline(model, pipeline_parallel)
     out_dtype = target_dtype or source_dtype
@@ -136,7 +138,7 @@ def hf_to_megatron(hf_dir: str | Path, output_dir: str | Path, tensor_parallel: 
         manifest = Manifest(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                             padded_vocab_size=layout.padded_vocab, vocab_size=model.vocab_size,
                             dtype=dtype_name(out_dtype), source=str(source.resolve()),
-                            shards=[name for name, _, _ in files])
+                            shards=[name for name, _, _ in files], reward_normalization=normalization)
         tokenizer_files = write_metadata(partial, manifest, model,
                                          tokenizer_dir if tokenizer_dir.is_dir() else None, hf_config)
         publish(partial, output)

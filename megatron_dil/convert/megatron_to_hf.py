@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_dil.convert.checkpoint import MegatronCheckpoint
-from megatron_dil.convert.hf_config import ConversionError, hf_config_from_model, model_config_from_hf, same_architecture
+from megatron_dil.convert.hf_config import (ConversionError, hf_config_from_model, model_config_from_hf, same_architecture,
+                                            sequence_classification_config)
 from megatron_dil.convert.hf_files import (copy_tokenizer, dtype_name, has_tokenizer, parse_dtype,
                                            write_sharded_safetensors)
 from megatron_dil.convert.sharding import hf_keys, hf_tensor
@@ -52,8 +53,11 @@ def write_generation_config(path: Path, config: dict) -> None:
 
 
 def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict[str, str]:
-    """Export the checkpoint at ``path`` to ``output_dir``; returns the HF weight map (tensor → file)."""
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                   pad_token_id: int | None = None) -> dict[str, str]:
+    """Export the checkpoint at ``path`` to ``output_dir``; returns the HF weight map (tensor → file). A reward model
+    (``head: reward``) becomes *ForSequenceClassification (``score.weight``, num_labels 1, ``pad_token_id`` = the
+    argument, else the tokenizer's; its normalisation statistics go to ``config.json`` as ``reward_normalization``)."""
     output = Path(output_dir)
     target_dtype = parse_dtype(dtype)
     if output.exists():
@@ -74,6 +78,11 @@ def megatron_to_hf(path: str | Path, output_dir: str | Path, dtype: str | None =
     for field, value in special_token_ids(Path(path) / "tokenizer").items():
         if config.get(field) is None:  # e.g. a run started from a preset: no HF config to inherit them from
             config[field] = value
+    if ckpt.model.head == "reward":  # *ForSequenceClassification, pooling where training pools
+        config = sequence_classification_config(config, config.get("pad_token_id") if pad_token_id is None
+                                                else pad_token_id)
+        if ckpt.manifest.reward_normalization:
+            config["reward_normalization"] = ckpt.manifest.reward_normalization
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -104,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30,
                         help="largest safetensors file, in GiB (default 5)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--pad-token-id", type=int, default=None,
+                        help="reward models: the pad_token_id of the *ForSequenceClassification config (default: the "
+                             "tokenizer's; it must differ from EOS, where training pools the score)")
     parser.add_argument("--adapter-only", action="store_true",
                         help="SOURCE is a LoRA adapters directory (a run's final/ with lora.final=adapters): write a "
                              "PEFT directory (adapter_config.json + adapter_model.safetensors) for peft.PeftModel")
@@ -128,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         weight_map = megatron_to_hf(args.source, args.output, dtype=args.dtype,
-                                    max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress)
+                                    max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.no_progress,
+                                    pad_token_id=args.pad_token_id)
     except (ConversionError, IntegrityError) as err:
         print(f"megatron-dil-megatron-to-hf: error: {err}", file=sys.stderr)
         return 1

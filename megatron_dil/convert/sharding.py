@@ -16,6 +16,7 @@ With TP size t, rank r, nh heads, ng query groups, head dim d, hidden H, FFN F, 
 | embedding.word_embeddings.weight         | model.embed_tokens.weight         | rows [r·Vp/t, (r+1)·Vp/t), rows ≥ V zero    |
 | decoder.final_layernorm.weight           | model.norm.weight                 | replicated                                  |
 | output_layer.weight (untied only)        | lm_head.weight                    | as the embedding                            |
+| output_layer.weight [1, H] (reward head) | score.weight (*ForSequenceClass.)  | replicated (``head: reward``, never tied)   |
 
 Mixture-of-experts layers (E experts of width Fe) replace the two MLP rows with a router and E experts, stored WHOLE
 (not split over TP) under their GLOBAL expert index e, in tensor-parallel rank 0's expert files
@@ -44,6 +45,7 @@ from megatron_dil.convert.hf_config import ConversionError
 from megatron_dil.models.config import ModelConfig
 
 EMBEDDING, FINAL_NORM, OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
+REWARD_HEAD = "score.weight"  # Hugging Face *ForSequenceClassification head (num_labels 1, no bias)
 _GLOBAL = {EMBEDDING: ("model.embed_tokens.weight", "vocab"), FINAL_NORM: ("model.norm.weight", "replicated"),
            OUTPUT: ("lm_head.weight", "vocab")}
 _LAYER = {  # Megatron suffix -> (HF suffix, kind); fused tensors list their HF parts
@@ -159,7 +161,7 @@ def megatron_keys(model: ModelConfig, layers: range, first_stage: bool, last_sta
     keys = [EMBEDDING] if first_stage else []
     keys += [f"decoder.layers.{i}.{s}" for i in layers for s in per_layer]
     if last_stage:
-        keys += [FINAL_NORM] + ([] if model.tie_embeddings else [OUTPUT])
+        keys += [FINAL_NORM] + ([] if model.tie_embeddings and model.head == "lm" else [OUTPUT])
     return keys
 
 
@@ -184,7 +186,9 @@ def hf_shapes(model: ModelConfig, fused_experts: bool = False) -> dict[str, tupl
             shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                            p + "mlp.down_proj.weight": (h, f)})
     shapes["model.norm.weight"] = (h,)
-    if not model.tie_embeddings:
+    if model.head == "reward":
+        shapes[REWARD_HEAD] = (1, h)
+    elif not model.tie_embeddings:
         shapes["lm_head.weight"] = (model.vocab_size, h)
     return shapes
 
@@ -206,6 +210,8 @@ def megatron_shard_shape(key: str, layout: TensorParallelLayout) -> tuple[int, .
     m, t = layout.model, layout.tensor_parallel
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     qkv_rows = (m.num_attention_heads + 2 * m.query_groups) * d // t
+    if key == OUTPUT and m.head == "reward":
+        return (1, h)
     if key in (EMBEDDING, OUTPUT):
         return (layout.padded_vocab // t, h)
     match = _LAYER_KEY.match(key)
@@ -241,6 +247,8 @@ def _vocab_rows(layout: TensorParallelLayout, rank: int) -> tuple[int, int, int]
 def megatron_shard(key: str, read: HFRead, layout: TensorParallelLayout, rank: int) -> torch.Tensor:
     """Rank ``rank``'s shard of canonical ``key``, reading only the needed slices of the HF tensors."""
     m, t = layout.model, layout.tensor_parallel
+    if key == OUTPUT and m.head == "reward":
+        return read(REWARD_HEAD, 0, None, None)
     if key in _GLOBAL:
         hf_key, kind = _GLOBAL[key]
         if kind == "replicated":
@@ -300,6 +308,8 @@ def hf_tensor(hf_key: str, read_shard: ShardRead, layout: TensorParallelLayout) 
     ``megatron_shard``: padding rows dropped)."""
     m, t = layout.model, layout.tensor_parallel
     ranks = range(t)
+    if hf_key == REWARD_HEAD and m.head == "reward":
+        return read_shard(OUTPUT, 0)
     for mg_key, (name, kind) in _GLOBAL.items():
         if hf_key == name:
             if kind == "replicated":

@@ -132,7 +132,7 @@ class PreferenceCollator:
             span = slice(start, start + length)
             tokens[row, span] = seq
             labels[row, start:start + length - 1] = seq[1:]
-            loss_mask[row, start + prompt_length - 1:start + length - 1] = 1.0
+            loss_mask[row, start + max(prompt_length, 1) - 1:start + length - 1] = 1.0  # the first token has no label
             position_ids[row, span] = np.arange(length)
             sequence_index[row, span] = j
         return {k: torch.from_numpy(v) for k, v in dict(

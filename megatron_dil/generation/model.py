@@ -39,10 +39,23 @@ class ModelSource:
     tokenizer: str | None
     tensor_parallel: int
     pipeline_parallel: int | None  # fixed for training checkpoints
+    reward_normalization: dict | None = None  # reward models' final/: mean/std on demonstrations (reward.normalize)
 
 
-def resolve_checkpoint(path: str | Path) -> ModelSource:
-    """Identify ``path`` (see the module docstring) or raise ``GenerationInputError`` naming it."""
+HEAD_USE = {"lm": "a policy", "reward": "a reward model"}
+
+
+def resolve_checkpoint(path: str | Path, head: str = "lm") -> ModelSource:
+    """Identify ``path`` (see the module docstring) or raise ``GenerationInputError`` naming it; its model must have
+    ``head`` ("lm": a policy, for generation and iteration; "reward": for scoring)."""
+    source = _resolve(Path(path))
+    if source.model.head != head:
+        raise GenerationInputError(f"checkpoint {path} is {HEAD_USE[source.model.head]} (head: {source.model.head}) "
+                                   f"but {HEAD_USE[head]} is expected here")
+    return source
+
+
+def _resolve(path: Path) -> ModelSource:
     path = Path(path)
     if not path.exists():
         raise GenerationInputError(f"--checkpoint {path}: no such file or directory")
@@ -50,12 +63,12 @@ def resolve_checkpoint(path: str | Path) -> ModelSource:
         ckpt = MegatronCheckpoint(path)
         tokenizer = path / "tokenizer"
         return ModelSource(path, "megatron", ckpt.model, str(tokenizer) if has_tokenizer(tokenizer) else None,
-                           ckpt.manifest.tensor_parallel, None)
+                           ckpt.manifest.tensor_parallel, None, ckpt.manifest.reward_normalization)
     if (path / STATE).is_file() and path.parent.name == "checkpoints":
         return _training_checkpoint(path)
     if (path / "config.yaml").is_file():
         if is_megatron_checkpoint(path / "final"):
-            return resolve_checkpoint(path / "final")
+            return _resolve(path / "final")
         for candidate in sorted((path / "checkpoints").glob("iter_*"), reverse=True):
             try:
                 verify_files(candidate, read_state(candidate)["files"], f"checkpoint {candidate}", REMEDY,

@@ -114,18 +114,24 @@ def transformer_config(model: ModelConfig, *, params_dtype: torch.dtype = torch.
 
 def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                 recompute: bool = False, max_sequence_length: int | None = None,
-                moe_dispatcher: str = "alltoall", local_spec: bool = False) -> list[GPTModel]:
+                moe_dispatcher: str = "alltoall", local_spec: bool = False, head_seed: int = 0,
+                head_std: float | None = None) -> list[GPTModel]:
     """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without interleaving).
     ``local_spec`` forces Megatron's own linears even where Transformer Engine is available (LoRA: TE fuses the norm
     into linear_qkv/linear_fc1, so an adapter there would see the pre-norm input).
 
-    The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP].
+    The output layer returns logits sharded on the vocabulary (``parallel_output=True``): [b, s, Vp/TP]. With
+    ``model.head == "reward"`` it is a ``reward.RewardHead`` instead (output [b, s, 1]; drawn with ``head_seed`` and
+    ``head_std``), never tied to the embedding.
     """
     max_len = max_sequence_length or model.max_position_embeddings
     if recompute and not torch.cuda.is_available():
         raise ValueError("recompute_activations is a GPU option: on CPU the re-forward runs in the autograd engine, "
                          "outside the CPU bridge")
     use_te = transformer_engine_available() and not local_spec
+    reward = model.head == "reward"
+    if reward and sequence_parallel:
+        raise ValueError("a reward model does not support sequence_parallel (its head reads the full sequence)")
     if sequence_parallel and not use_te:
         raise ValueError("sequence_parallel needs Transformer Engine (GPU): the local layer spec's torch norms do not "
                          "support it")
@@ -154,7 +160,7 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
-            share_embeddings_and_output_weights=model.tie_embeddings,
+            share_embeddings_and_output_weights=model.tie_embeddings and not reward,
             position_embedding_type="rope",
             rotary_base=model.rotary_base,  # float: a non-integer rope_theta is kept exactly
             rope_scaling=model.rope_scaling_factor is not None,
@@ -164,4 +170,8 @@ def build_model(model: ModelConfig, *, params_dtype: torch.dtype = torch.float32
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
+    if reward:
+        from megatron_dil.reward.head import attach_reward_heads
+
+        attach_reward_heads(chunks, model.hidden_size, params_dtype, head_std, head_seed)
     return chunks

@@ -19,6 +19,9 @@ import math
 from dataclasses import dataclass
 
 
+HEADS = ("lm", "reward")
+
+
 @dataclass
 class ModelConfig:
     """Decoder architecture. ``vocab_size`` is the tokenizer's real size; Megatron pads it (see ``padded_vocab_size``)."""
@@ -48,8 +51,11 @@ class ModelConfig:
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    head: str = "lm"  # "lm": logits over the vocabulary (a policy); "reward": one scalar per sequence (megatron_dil.reward)
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -44,7 +44,8 @@ def build_policy(model: ModelConfig, run: RunConfig, max_sequence_length: int
     dtype = params_dtype(train)
     chunks = build_model(model, params_dtype=dtype, sequence_parallel=run.parallel.sequence_parallel,
                          recompute=train.recompute_activations, max_sequence_length=max_sequence_length,
-                         moe_dispatcher=run.parallel.expert_dispatcher, local_spec=run.lora is not None)
+                         moe_dispatcher=run.parallel.expert_dispatcher, local_spec=run.lora is not None,
+                         head_seed=train.seed, head_std=run.reward.head_init_std if run.reward else None)
     load_initial_weights(chunks, run)
     if run.lora is not None:  # before the DDP wrap: only the adapters get gradient buffers and optimizer state
         from megatron_dil.lora import apply_lora

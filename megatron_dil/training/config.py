@@ -13,6 +13,7 @@ from megatron_dil.generation.config import GenerationEvalConfig
 from megatron_dil.lora.config import LoRAConfig
 from megatron_dil.losses.config import LossConfig
 from megatron_dil.models.config import ModelConfig
+from megatron_dil.reward.config import RewardConfig
 from megatron_dil.runtime.distributed import ParallelConfig
 
 
@@ -130,8 +131,20 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generate_eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
     lora: LoRAConfig | None = None  # low-rank adapters on a frozen base; absent = full-parameter training
+    reward: RewardConfig | None = None  # train a reward model (Bradley–Terry) instead of a policy; see reward/
 
     def __post_init__(self) -> None:
+        if self.reward is not None:
+            if self.loss != LossConfig():
+                raise ValueError("reward: a reward model trains with the Bradley–Terry loss of the reward: section "
+                                 "(margin, center_rewards_coefficient); remove the loss: section")
+            if self.lora is not None:
+                raise ValueError("reward: lora is not supported for reward models (the new head must train)")
+            if self.generate_eval.prompts:
+                raise ValueError("reward: generate_eval needs a policy; a reward model does not generate")
+        elif self.model is not None and self.model.head == "reward":
+            raise ValueError("model.head is reward but the run has no reward: section (it configures the "
+                             "Bradley–Terry training of a reward model)")
         if self.reference.mode == "base" and self.lora is None:
             raise ValueError("reference.mode=base needs a `lora:` section (the frozen base is the reference); use "
                              "precompute or model for full-parameter training")

@@ -3,6 +3,7 @@ output directory. Runs on every rank without a process group (the world size com
 a bad run ends before any weights are allocated, and the checks are testable without ranks."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,18 @@ class Preflight:
 
 
 def resolve_model_config(run: RunConfig) -> ModelConfig:
-    """``model:`` for random init, else the architecture stored with ``init.checkpoint``."""
+    """``model:`` for random init, else the architecture stored with ``init.checkpoint``; with a ``reward:`` section
+    the same trunk under a reward head. A reward checkpoint is refused where a policy is trained."""
     if run.model is not None:
-        return run.model
-    from megatron_dil.convert import MegatronCheckpoint
+        model = run.model
+    else:
+        from megatron_dil.convert import MegatronCheckpoint
 
-    return MegatronCheckpoint(run.init.checkpoint).model
+        model = MegatronCheckpoint(run.init.checkpoint).model
+        if model.head == "reward" and run.reward is None:
+            raise ValueError(f"init.checkpoint {run.init.checkpoint} is a reward model (head: reward); a policy "
+                             f"checkpoint is expected (or add a reward: section to train the reward model further)")
+    return dataclasses.replace(model, head="reward") if run.reward is not None else model
 
 
 def resolve_tokenizer(run: RunConfig) -> str | None:

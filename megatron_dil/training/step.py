@@ -137,17 +137,20 @@ def compute_logprobs(chunks: list, batches: list[PreferenceBatch], setup: LogPro
 
 def preference_losses(chunks: list, batches: list[PreferenceBatch], loss: PreferenceLoss, setup: LogProbSetup,
                       reference: Callable[[int, PreferenceBatch], PairLogProbs | None], forward_only: bool,
-                      results: MicroBatchResults | None = None) -> MicroBatchResults:
+                      results: MicroBatchResults | None = None, inputs: Callable = pair_logprobs
+                      ) -> MicroBatchResults:
     """Forward (and backward unless ``forward_only``) of the preference loss over ``batches``.
 
     ``reference(index, batch)`` gives the reference log-probs of micro-batch ``index`` (None for reference-free
-    losses). Non-finite per-pair losses are reported in ``nonfinite`` (the caller skips or stops the step). Metrics
-    accumulate into ``results`` (a fresh one by default), so an evaluation can span several calls.
+    losses). ``inputs(outputs, batch, setup)`` turns the model's output into the loss's input: log-probs of the
+    responses (a policy), or ``reward.pair_rewards`` (a reward model's scalars). Non-finite per-pair losses are
+    reported in ``nonfinite`` (the caller skips or stops the step). Metrics accumulate into ``results`` (a fresh one
+    by default), so an evaluation can span several calls.
     """
     results = results if results is not None else MicroBatchResults()
 
     def loss_for(index: int, batch: PreferenceBatch, logits: torch.Tensor):
-        policy = pair_logprobs(logits, batch, setup)
+        policy = inputs(logits, batch, setup)
         out = loss(policy, reference(index, batch))
         problem = find_nonfinite(out.losses.detach(), f"{loss.name} loss")
         if problem is not None:

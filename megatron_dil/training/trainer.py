@@ -2,6 +2,7 @@
 checkpoint) → exit check until done, then export."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from megatron_dil.training.nonfinite import NonFinitePolicy
 from megatron_dil.training.preflight import preflight
 from megatron_dil.training.reference import ReferenceTable, model_identity, reference_table, table_reference
 from megatron_dil.training.signals import ExitSignal
-from megatron_dil.training.step import LogProbSetup, MicroBatchResults, compute_logprobs, preference_losses
+from megatron_dil.reward import BradleyTerryLoss, pair_rewards
+from megatron_dil.training.step import (LogProbSetup, MicroBatchResults, compute_logprobs, pair_logprobs,
+                                        preference_losses)
 
 ReferenceFn = Callable[[int, PreferenceBatch], PairLogProbs | None]
 
@@ -59,7 +62,9 @@ class Trainer:
             else torch.device("cpu")
         train = run.train
         self.accumulation, self.train_iters = self.plan.accumulation, self.plan.train_iters
-        self.loss: PreferenceLoss = build_loss(run.loss)
+        self.loss: PreferenceLoss | BradleyTerryLoss = BradleyTerryLoss(run.reward) if run.reward is not None \
+            else build_loss(run.loss)
+        self.inputs = pair_rewards if run.reward is not None else pair_logprobs  # what the loss reads
         self.setup = LogProbSetup(vocab_size=self.model_config.vocab_size, chunk_size=train.logprob_chunk_size)
         self.policy, self.optimizer = build_policy(self.model_config, run, run.data.max_length)
         self.scheduler = build_scheduler(self.optimizer, train, self.train_iters)
@@ -133,7 +138,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         results = preference_losses(self.policy, batches, self.loss, self.setup, self.reference_for("train", batches),
-                                    forward_only=False)
+                                    forward_only=False, inputs=self.inputs)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         grad_norm = None
         if not self.nonfinite.skip_step(state.iteration + 1, state, results.nonfinite, self.policy):
@@ -160,7 +165,7 @@ class Trainer:
         batches = (b.to(self.device) for b in islice(loader, self.plan.eval_micro_batches))
         while window := list(islice(batches, self.accumulation)):
             preference_losses(self.policy, window, self.loss, self.setup, self.reference_for("valid", window),
-                              forward_only=True, results=results)
+                              forward_only=True, results=results, inputs=self.inputs)
         if not parallel_state.is_pipeline_last_stage():
             return {}
         return results.metrics.reduce(parallel_state.get_data_parallel_group())
@@ -237,6 +242,22 @@ class Trainer:
                 self.monitor.scalars(step, {"generate/score": evaluation.score})
             self.monitor.text(step, "generate/samples", evaluation.summary())
 
+    def reward_normalization(self) -> dict:
+        """μ and σ of the trained reward on ``reward.normalize_on`` (else the train set's chosen responses)."""
+        from megatron_dil.data.loader import build_datasets
+        from megatron_dil.reward.normalize import reward_statistics
+
+        cfg = self.run.reward
+        dataset, name = self.train_set, ",".join(self.run.data.train)
+        if cfg.normalize_on is not None:
+            data = dataclasses.replace(self.run.data, train=[cfg.normalize_on], valid=None)
+            dataset, name = build_datasets(data, self.tokenizer)[0], cfg.normalize_on
+        stats = reward_statistics(self.policy, dataset, self.run.data, self.tokenizer, self.run.train.micro_batch_size,
+                                  self.accumulation, self.device, name, cfg.normalize_max_pairs)
+        self.monitor.log(f"reward normalisation on {name}: mean {stats['mean']:.4g} std {stats['std']:.4g} over "
+                         f"{stats['count']} responses")
+        return stats
+
     def export(self) -> None:
         """Final weights in the converter's Megatron format (``OUTPUT_DIR/final``) and, if asked, as HF. The initial
         checkpoint's HF config and tokenizer go along, so the export loads exactly like the model that came in."""
@@ -256,9 +277,11 @@ class Trainer:
 
             save_adapters([c.module for c in self.policy], final, self.model_config, lora, init)
         else:
+            normalization = self.reward_normalization() if self.run.reward is not None else None
             with merged(self.policy):  # LoRA: W + (α/r)·B·A, a normal checkpoint (no-op without adapters)
                 save_megatron_checkpoint([c.module for c in self.policy], final, self.model_config, tokenizer_dir,
-                                         hf_config, source="megatron-dil-train")
+                                         hf_config, source="megatron-dil-train",
+                                         reward_normalization=normalization)
         if self.run.checkpoint.export_hf and dist.get_rank() == 0:
             target = Path(self.run.checkpoint.export_hf)
             staging = target.with_name(target.name + ".exporting")  # a re-run replaces an older export whole
